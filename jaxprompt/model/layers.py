@@ -1,0 +1,291 @@
+"""T5 building blocks with T5X's parameter names, shapes and logical axes.
+
+Every parameter is created with `param_with_axes`, so `init` also returns a
+`params_axes` collection that the partitioner maps to mesh shardings.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from flax.linen import partitioning as nn_partitioning
+
+param_with_axes = nn_partitioning.param_with_axes
+with_sharding_constraint = nn_partitioning.with_sharding_constraint
+
+Array = jax.Array
+Initializer = Callable[..., Array]
+
+# T5X initialisers (examples/t5/network.py, layers.py).
+default_kernel_init = nn.initializers.variance_scaling(1.0, 'fan_in', 'truncated_normal')
+default_embed_init = nn.initializers.normal(stddev=1.0)
+relpos_init = nn.initializers.variance_scaling(1.0, 'fan_avg', 'uniform')
+MASK_BIAS = -1e10
+
+
+def _activation(name: str) -> Callable[[Array], Array]:
+  return {
+      'relu': nn.relu,
+      'gelu': nn.gelu,  # tanh approximation, as T5X and HF's "gelu_new"
+      'gelu_new': nn.gelu,
+      'silu': nn.silu,
+      'linear': lambda x: x,
+  }[name]
+
+
+class DenseGeneral(nn.Module):
+  """A bias-free dense layer with a 2-D kernel `(prod(in), prod(features))` as T5X stores it."""
+
+  features: int | Sequence[int]
+  axis: int | Sequence[int] = -1
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: Initializer = default_kernel_init
+  kernel_axes: tuple[str, ...] = ()
+
+  @nn.compact
+  def __call__(self, inputs: Array) -> Array:
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axis = tuple(a % inputs.ndim for a in axis)
+    in_shape = tuple(inputs.shape[a] for a in axis)
+    kernel_shape = (int(np.prod(in_shape)), int(np.prod(features)))
+    init_shape = in_shape + features
+
+    def init(rng, shape, dtype=jnp.float32):
+      del shape  # T5X draws from the un-flattened shape so fan-in/out are per head.
+      return jnp.reshape(self.kernel_init(rng, init_shape, dtype), kernel_shape)
+
+    kernel = param_with_axes('kernel', init, kernel_shape, jnp.float32, axes=self.kernel_axes)
+    kernel = jnp.reshape(jnp.asarray(kernel, self.dtype), init_shape)
+    inputs = jnp.asarray(inputs, self.dtype)
+    contract = tuple(range(len(axis)))
+    return jax.lax.dot_general(inputs, kernel, ((axis, contract), ((), ())))
+
+
+class Embed(nn.Module):
+  """Token embedding `(vocab, embed)`; `attend` gives the tied output logits."""
+
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  embedding_init: Initializer = default_embed_init
+
+  def setup(self):
+    self.embedding = param_with_axes('embedding', self.embedding_init,
+                                     (self.num_embeddings, self.features), jnp.float32,
+                                     axes=('vocab', 'embed'))
+
+  def __call__(self, tokens: Array) -> Array:
+    # A one-hot-free gather; identical values to T5X's `jnp.take`.
+    return jnp.asarray(self.embedding, self.dtype)[tokens]
+
+  def attend(self, query: Array) -> Array:
+    # T5X attends in float32 (`attend_dtype`), whatever the activation dtype.
+    return jnp.dot(jnp.asarray(query, jnp.float32), jnp.asarray(self.embedding, jnp.float32).T)
+
+
+class LayerNorm(nn.Module):
+  """T5's RMS norm: no mean subtraction, no bias, computed in float32."""
+
+  epsilon: float = 1e-6
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    x = jnp.asarray(x, jnp.float32)
+    scale = param_with_axes('scale', nn.initializers.ones, (x.shape[-1],), jnp.float32,
+                            axes=('embed',))
+    y = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.epsilon)
+    return jnp.asarray(y, self.dtype) * jnp.asarray(scale, self.dtype)
+
+
+def relative_position_bucket(relative_position: np.ndarray, bidirectional: bool = True,
+                             num_buckets: int = 32, max_distance: int = 128) -> np.ndarray:
+  """T5's log-spaced relative position buckets (`memory - query` positions)."""
+  ret = 0
+  n = -relative_position
+  if bidirectional:
+    num_buckets //= 2
+    ret += (n < 0).astype(np.int32) * num_buckets
+    n = np.abs(n)
+  else:
+    n = np.maximum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  val_if_large = max_exact + (
+      np.log(n.astype(np.float32) / max_exact + np.finfo(np.float32).eps) /
+      np.log(max_distance / max_exact) * (num_buckets - max_exact)).astype(np.int32)
+  val_if_large = np.minimum(val_if_large, num_buckets - 1)
+  return ret + np.where(is_small, n, val_if_large)
+
+
+class RelativePositionBiases(nn.Module):
+  """Per-head scalar bias from bucketed relative positions, shared by all layers of a stack."""
+
+  num_buckets: int
+  max_distance: int
+  num_heads: int
+  dtype: jnp.dtype = jnp.float32
+  embedding_init: Initializer = relpos_init
+
+  @nn.compact
+  def __call__(self, qlen: int, klen: int, bidirectional: bool = True) -> Array:
+    context = np.arange(qlen, dtype=np.int32)[:, None]
+    memory = np.arange(klen, dtype=np.int32)[None, :]
+    buckets = relative_position_bucket(memory - context, bidirectional, self.num_buckets,
+                                       self.max_distance)  # [q, k], computed at trace time
+    table = param_with_axes('rel_embedding', self.embedding_init,
+                            (self.num_heads, self.num_buckets), jnp.float32,
+                            axes=('heads', 'relpos_buckets'))
+    table = jnp.asarray(table, self.dtype)
+    values = table[:, buckets]  # [heads, q, k]
+    return values[None]  # [1, heads, q, k]
+
+
+def make_attention_mask(query_input: Array, key_input: Array,
+                        pairwise_fn: Callable = jnp.multiply, dtype=jnp.float32) -> Array:
+  """[B, q] x [B, k] -> [B, 1, q, k]."""
+  mask = pairwise_fn(query_input[..., :, None], key_input[..., None, :])
+  return mask[..., None, :, :].astype(dtype)
+
+
+def make_causal_mask(x: Array, dtype=jnp.float32) -> Array:
+  idxs = jnp.broadcast_to(jnp.arange(x.shape[-1], dtype=jnp.int32), x.shape)
+  return make_attention_mask(idxs, idxs, jnp.greater_equal, dtype=dtype)
+
+
+def combine_masks(*masks: Array | None, dtype=jnp.float32) -> Array | None:
+  masks = [m for m in masks if m is not None]
+  if not masks:
+    return None
+  return functools.reduce(jnp.logical_and, masks).astype(dtype)
+
+
+def combine_biases(*biases: Array | None) -> Array | None:
+  biases = [b for b in biases if b is not None]
+  if not biases:
+    return None
+  return functools.reduce(operator.add, biases)
+
+
+def mask_to_bias(mask: Array | None, dtype) -> Array | None:
+  if mask is None:
+    return None
+  return jax.lax.select(mask > 0, jnp.zeros(mask.shape, dtype),
+                        jnp.full(mask.shape, MASK_BIAS).astype(dtype))
+
+
+def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | None,
+                          dropout_rng, dropout_rate: float, deterministic: bool, dtype,
+                          float32_logits: bool) -> Array:
+  """[B, q, H, k] x [B, kv, H, k] -> [B, q, H, k]; no 1/sqrt(k): T5 folds it into the query init."""
+  if float32_logits:
+    query, key = query.astype(jnp.float32), key.astype(jnp.float32)
+  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)  # [B, H, q, kv]
+  if bias is not None:
+    logits = logits + bias.astype(logits.dtype)
+  weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+  if not deterministic and dropout_rate > 0.:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
+                                weights.shape[:-2] + (1,) + weights.shape[-1:])
+    weights = weights * (keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate, dtype))
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+
+
+class MultiHeadDotProductAttention(nn.Module):
+  """T5X attention: query/key/value/out kernels, optional autoregressive key/value cache."""
+
+  num_heads: int
+  head_dim: int
+  dtype: jnp.dtype = jnp.float32
+  dropout_rate: float = 0.
+  kernel_init: Initializer = nn.initializers.variance_scaling(1.0, 'fan_in', 'normal')
+  float32_logits: bool = False
+
+  @nn.compact
+  def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
+               bias: Array | None = None, *, decode: bool = False,
+               deterministic: bool = False) -> Array:
+    depth_scaling = jnp.sqrt(self.head_dim).astype(jnp.float32)
+
+    def query_init(*args):
+      return self.kernel_init(*args) / depth_scaling
+
+    projection = functools.partial(DenseGeneral, features=(self.num_heads, self.head_dim),
+                                   kernel_axes=('embed', 'joined_kv'), dtype=self.dtype)
+    query = projection(kernel_init=query_init, name='query')(inputs_q)  # [B, q, H, k]
+    key = projection(kernel_init=self.kernel_init, name='key')(inputs_kv)
+    value = projection(kernel_init=self.kernel_init, name='value')(inputs_kv)
+    query = with_sharding_constraint(query, ('batch', 'length', 'heads', 'kv'))
+    key = with_sharding_constraint(key, ('batch', 'length', 'heads', 'kv'))
+    value = with_sharding_constraint(value, ('batch', 'length', 'heads', 'kv'))
+
+    if decode:
+      is_initialized = self.has_variable('cache', 'cached_key')
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+      cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
+      if is_initialized:
+        batch, length, num_heads, head_dim = cached_key.value.shape
+        if query.shape[1] != 1:
+          raise ValueError(f'decode=True takes one token per step, got length {query.shape[1]}')
+        cur = cache_index.value
+        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
+                                           (0, cur, 0, 0))
+        value = jax.lax.dynamic_update_slice(cached_value.value,
+                                             value.astype(cached_value.value.dtype),
+                                             (0, cur, 0, 0))
+        cached_key.value, cached_value.value = key, value
+        cache_index.value = cur + 1
+        # Attend to positions <= cur only; pick row `cur` of the full relative bias.
+        step_mask = (jnp.arange(length) <= cur)[None, None, None, :]
+        mask = combine_masks(mask, jnp.broadcast_to(step_mask, (batch, 1, 1, length)))
+        if bias is not None:
+          bias = jax.lax.dynamic_slice_in_dim(bias, cur, 1, axis=-2)
+
+    attention_bias = combine_biases(mask_to_bias(mask, self.dtype), bias)
+    dropout_rng = None
+    if not deterministic and self.dropout_rate > 0.:
+      dropout_rng = self.make_rng('dropout')
+    x = dot_product_attention(query, key, value, attention_bias, dropout_rng, self.dropout_rate,
+                              deterministic, self.dtype, self.float32_logits)
+    out = DenseGeneral(features=inputs_q.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init,
+                       kernel_axes=('joined_kv', 'embed'), dtype=self.dtype, name='out')(x)
+    return out
+
+
+class MlpBlock(nn.Module):
+  """T5 feed-forward: `wi` (relu) or gated `wi_0`/`wi_1`, then `wo`.
+
+  The first projection's pre-activation is sown into `intermediates/mlp_pre_activation`
+  (free unless that collection is mutable): the activated-neuron indicator reads it.
+  """
+
+  intermediate_dim: int
+  activations: Sequence[str] = ('relu',)
+  kernel_init: Initializer = default_kernel_init
+  intermediate_dropout_rate: float = 0.1
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, inputs: Array, deterministic: bool = False) -> Array:
+    activations = []
+    for idx, act in enumerate(self.activations):
+      name = 'wi' if len(self.activations) == 1 else f'wi_{idx}'
+      x = DenseGeneral(self.intermediate_dim, dtype=self.dtype, kernel_init=self.kernel_init,
+                       kernel_axes=('embed', 'mlp'), name=name)(inputs)
+      if idx == 0:
+        self.sow('intermediates', 'mlp_pre_activation', x)
+      activations.append(_activation(act)(x))
+    x = functools.reduce(operator.mul, activations)
+    x = nn.Dropout(rate=self.intermediate_dropout_rate, broadcast_dims=(-2,))(
+        x, deterministic=deterministic)
+    x = with_sharding_constraint(x, ('batch', 'length', 'mlp'))
+    return DenseGeneral(inputs.shape[-1], dtype=self.dtype, kernel_init=self.kernel_init,
+                        kernel_axes=('mlp', 'embed'), name='wo')(x)
