@@ -1,0 +1,95 @@
+"""Run directories: a manifest, Orbax checkpoints of what is trained, never the backbone.
+
+Layout of a run directory (MODEL_DIR):
+  manifest.json         what this run is: method, backbone path, task, config, versions
+  checkpoints/<step>/   Orbax: {step, trainable, opt_state} + JSON {data position, metrics}
+  best/<step>/          the checkpoint with the best validation metric so far
+  metrics.jsonl, train/ & eval/ (TensorBoard), prompt files, loss plot
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+MANIFEST = 'manifest.json'
+# Keys of the manifest that must agree for a run directory to be resumed.
+IDENTITY_KEYS = ('method', 'backbone', 'task', 'prompt_length', 'seed', 'batch_size')
+
+
+class RunDirectoryError(ValueError):
+  pass
+
+
+def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = True) -> bool:
+  """Creates `model_dir` or checks it holds this same run. Returns True if it can be resumed.
+
+  A directory that holds a different run (or files but no manifest) is refused: nothing
+  already written is overwritten.
+  """
+  path = os.path.join(model_dir, MANIFEST)
+  if os.path.exists(path):
+    with open(path) as f:
+      old = json.load(f)
+    diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]
+    if diff:
+      changes = ', '.join(f'{k}: {old.get(k)!r} -> {manifest.get(k)!r}' for k in diff)
+      raise RunDirectoryError(f'{model_dir}: holds a different run ({changes}); '
+                              'give a new --model_dir')
+    if not resume:
+      raise RunDirectoryError(f'{model_dir}: holds this run already; pass --resume to continue '
+                              'it or give a new --model_dir')
+    return True
+  if os.path.isdir(model_dir) and os.listdir(model_dir):
+    raise RunDirectoryError(f'{model_dir}: not empty and has no {MANIFEST}; give a new or empty '
+                            '--model_dir')
+  os.makedirs(model_dir, exist_ok=True)
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+  os.replace(tmp, path)
+  return False
+
+
+def read_manifest(model_dir: str) -> dict[str, Any]:
+  with open(os.path.join(model_dir, MANIFEST)) as f:
+    return json.load(f)
+
+
+class Checkpointer:
+  """Orbax checkpoints of the train state (trainable + optimizer + step) and data position."""
+
+  def __init__(self, directory: str, max_to_keep: int | None = 2):
+    self.directory = os.path.abspath(directory)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
+        item_names=('state', 'meta'))
+
+  def save(self, step: int, state, meta: dict[str, Any]) -> None:
+    state = {'step': state.step, 'trainable': state.trainable, 'opt_state': state.opt_state}
+    if step in self._manager.all_steps():
+      return
+    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                     meta=ocp.args.JsonSave(meta)))
+    self._manager.wait_until_finished()
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def restore(self, state_like, step: int | None = None):
+    """Restores into the structure (and shardings) of `state_like`; returns (state, meta)."""
+    step = self.latest_step() if step is None else step
+    target = {'step': state_like.step, 'trainable': state_like.trainable,
+              'opt_state': state_like.opt_state}
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    restored = self._manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+    s = restored.state
+    return type(state_like)(s['step'], s['trainable'], s['opt_state']), dict(restored.meta)
+
+  def close(self) -> None:
+    self._manager.close()

@@ -1,0 +1,192 @@
+"""The training loop: steps, periodic evaluation, best-checkpoint selection, resume.
+
+The loop is the same for every method: it only sees a jitted `train_step`, a state,
+the frozen arguments, a deterministic batch source that can start at any position,
+and an `evaluate(trainable) -> metrics` callable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from jaxprompt.train.checkpointing import Checkpointer
+from jaxprompt.train.summaries import MetricsLog, plot_run
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+  """How long to train and how often to log, evaluate and checkpoint.
+
+  `metric` names the validation metric that selects the best checkpoint
+  (`higher_is_better` gives its direction); `patience` stops training after that
+  many evaluations without improvement (early stopping), None never stops early.
+  """
+
+  train_steps: int
+  eval_period: int = 100
+  log_period: int = 10
+  keep_checkpoints: int = 2
+  metric: str = 'loss_per_token'
+  higher_is_better: bool = False
+  patience: int | None = None
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ('train_steps', 'eval_period', 'log_period'):
+      if getattr(self, name) <= 0:
+        raise ValueError(f'LoopConfig.{name} must be positive, got {getattr(self, name)}')
+
+
+@dataclasses.dataclass
+class LoopResult:
+  state: Any
+  step: int
+  best_step: int | None
+  best_metrics: dict[str, float] | None
+  evals: list[dict[str, Any]]
+  stopped_early: bool
+  plot: str | None
+
+
+def _is_better(new: float, old: float | None, higher: bool) -> bool:
+  if old is None:
+    return True
+  return new > old if higher else new < old
+
+
+def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Iterator[dict]],
+               rng: jax.Array, model_dir: str, config: LoopConfig,
+               evaluate: Callable[[Any], dict[str, float]] | None = None,
+               on_best: Callable[[Any, int, dict], None] | None = None,
+               put_batch: Callable[[dict], dict] = lambda b: b) -> LoopResult:
+  """Trains until `config.train_steps`, resuming from the latest checkpoint in `model_dir`.
+
+  Args:
+    train_step: jitted `(state, frozen, batch, rng) -> (state, metrics)`.
+    state: a fresh `TrainState` (replaced by the checkpoint when resuming).
+    frozen: the frozen arguments (backbone params, fixed masks, ...).
+    batches: `batches(position)` yields training batches starting at batch `position`.
+    rng: base dropout key; step `i` uses `fold_in(rng, i)`, so a resumed run repeats it.
+    model_dir: the run directory (see `checkpointing`).
+    config: the loop settings.
+    evaluate: `evaluate(trainable) -> {metric: value}` on the validation split.
+    on_best: called with `(trainable, step, metrics)` whenever validation improves.
+    put_batch: places a host batch on devices (sharding).
+  """
+  checkpoints = Checkpointer(os.path.join(model_dir, 'checkpoints'), config.keep_checkpoints)
+  best = Checkpointer(os.path.join(model_dir, 'best'), 1)
+  log = MetricsLog(model_dir)
+  meta: dict[str, Any] = {'best_step': None, 'best_metrics': None, 'bad_evals': 0, 'evals': []}
+  if checkpoints.latest_step() is not None:
+    state, meta = checkpoints.restore(state)
+    print(f'resuming {model_dir} from step {int(state.step)}', file=sys.stderr)
+  step = int(state.step)
+
+  def run_eval(step: int) -> bool:
+    """Evaluates, records the best; returns True when early stopping should stop the run."""
+    metrics = {k: float(v) for k, v in evaluate(state.trainable).items()}
+    log.write(step, 'eval', metrics)
+    meta['evals'].append({'step': step, **metrics})
+    if config.metric not in metrics:
+      raise KeyError(f'validation metric {config.metric!r} not among {sorted(metrics)}; '
+                     'set the selection metric to one of them')
+    best_value = None if meta['best_metrics'] is None else meta['best_metrics'][config.metric]
+    if _is_better(metrics[config.metric], best_value, config.higher_is_better):
+      meta.update(best_step=step, best_metrics=metrics, bad_evals=0)
+      best.save(step, state, {'metrics': metrics})
+      if on_best is not None:
+        on_best(state.trainable, step, metrics)
+    else:
+      meta['bad_evals'] += 1
+    return config.patience is not None and meta['bad_evals'] >= config.patience
+
+  if evaluate is not None and step == 0 and not meta['evals']:
+    run_eval(0)
+
+  progress = None
+  if config.progress and step < config.train_steps:
+    from tqdm.auto import tqdm
+    progress = tqdm(total=config.train_steps, initial=step, desc='train', unit='step',
+                    dynamic_ncols=True, file=sys.stderr)
+  stopped_early = False
+  pending: list[dict] = []
+  tick, tick_step = time.perf_counter(), step
+  source = batches(step)
+  while step < config.train_steps:
+    try:
+      batch = next(source)
+    except StopIteration:
+      raise RuntimeError(f'the training data ran out at step {step}; repeat the dataset or '
+                         'lower the number of train steps') from None
+    state, metrics = train_step(state, frozen, put_batch(batch), rng)
+    pending.append(metrics)
+    step += 1
+    if step % config.log_period == 0 or step == config.train_steps:
+      host = jax.device_get(pending)
+      pending = []
+      bad = [m for m in host if bool(m['nonfinite'])]
+      if bad:
+        raise NonFiniteLossError(
+            f'non-finite loss or gradient before step {step}: training stopped; the last good '
+            f'checkpoint in {model_dir}/checkpoints is kept (lower the learning rate or check '
+            'the data)')
+      summed = {k: float(np.sum([m[k] for m in host])) for k in ('loss', 'weight_sum',
+                                                                  'num_correct', 'z_loss')}
+      now = time.perf_counter()
+      rate = (step - tick_step) / max(now - tick, 1e-9)
+      tick, tick_step = now, step
+      row = {'loss': summed['loss'] / len(host),
+             'loss_per_token': summed['loss'] / max(summed['weight_sum'], 1e-9),
+             'accuracy': summed['num_correct'] / max(summed['weight_sum'], 1e-9),
+             'z_loss': summed['z_loss'] / len(host), 'grad_norm': float(host[-1]['grad_norm']),
+             'steps_per_sec': rate}
+      log.write(step, 'train', row)
+      if progress is not None:
+        progress.set_postfix(loss=f'{row["loss_per_token"]:.4f}', steps_s=f'{rate:.2f}')
+    if progress is not None:
+      progress.update(1)
+    if step % config.eval_period == 0 or step == config.train_steps:
+      if evaluate is not None:
+        stopped_early = run_eval(step)
+      checkpoints.save(step, state, meta)
+      if stopped_early:
+        print(f'early stopping at step {step}: no improvement of {config.metric} in '
+              f'{config.patience} evaluations', file=sys.stderr)
+        break
+  if progress is not None:
+    progress.close()
+  checkpoints.save(step, state, meta)
+  checkpoints.close()
+  best.close()
+  log.close()
+  plot = plot_run(model_dir, metric=config.metric if evaluate else None)
+  return LoopResult(state, step, meta['best_step'], meta['best_metrics'], meta['evals'],
+                    stopped_early, plot)
+
+
+def restore_best(model_dir: str, state_like):
+  """The best checkpoint's state (by the validation metric) of a finished or running run."""
+  best = Checkpointer(os.path.join(model_dir, 'best'), 1)
+  if best.latest_step() is None:
+    raise FileNotFoundError(f'{model_dir}/best: no best checkpoint; was validation run?')
+  state, meta = best.restore(state_like)
+  best.close()
+  return state, meta
+
+
+def finite_or_raise(x: float, what: str) -> float:
+  if not math.isfinite(x):
+    raise NonFiniteLossError(f'{what} is not finite')
+  return x

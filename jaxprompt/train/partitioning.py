@@ -1,0 +1,306 @@
+"""Device mesh and T5X logical axis rules, mapped to `jax.sharding`.
+
+Parameters carry logical axis names (`('embed', 'joined_kv')`, ...) attached
+with `flax.linen.partitioning.param_with_axes`; the rules below say which mesh
+axis each name is sharded over, exactly as T5X's `standard_logical_axis_rules`.
+The mesh always has the two T5X axes `('data', 'model')`: batches are split on
+`data`, large weight dimensions on `model`, and a soft prompt is replicated.
+
+A dimension whose size the mesh axis does not divide is replicated instead
+(and logged), so tiny test models still run on 8 devices.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax.linen import partitioning as nn_partitioning
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+__all__ = [
+    'LogicalAxisRules', 'standard_logical_axis_rules', 'make_mesh',
+    'logical_to_mesh_sharding', 'batch_sharding', 'replicated',
+    'initialize_distributed', 'host_shard_info',
+]
+
+LogicalAxisRules = Sequence[tuple[str, str | None]]
+MESH_AXES = ('data', 'model')
+_AXES_SUFFIX = '_axes'
+
+log = logging.getLogger(__name__)
+
+
+def standard_logical_axis_rules(
+    activation_partitioning_dims: int = 1,
+    parameter_partitioning_dims: int = 1,
+    additional_rules: LogicalAxisRules | None = None,
+) -> list[tuple[str, str | None]]:
+  """T5X's default logical-to-mesh axis rules, plus the prompt axes.
+
+  Rules are in priority order: a logical axis takes the first listed mesh axis
+  not already used by another dimension of the same array (so with 2-D
+  parameter sharding, `embed` goes to `data` when `model` is taken).
+
+  Args:
+    activation_partitioning_dims: 2 also shards `embed` over `model`.
+    parameter_partitioning_dims: 2 also shards `embed` over `data`.
+    additional_rules: Appended after the standard rules.
+
+  Returns:
+    A list of `(logical_axis, mesh_axis_or_None)` pairs.
+
+  Example:
+    >>> dict(standard_logical_axis_rules())['joined_kv']
+    'model'
+  """
+  rules = [
+      ('batch', 'data'),
+      ('vocab', 'model'),
+      ('mlp', 'model'),
+      ('heads', 'model'),
+      ('kv', None),
+      ('joined_kv', 'model'),
+  ]
+  dims = (activation_partitioning_dims, parameter_partitioning_dims)
+  if dims == (1, 1):
+    rules.insert(2, ('embed', None))
+  elif dims == (2, 1):
+    rules.append(('embed', 'model'))
+  elif dims == (1, 2):
+    rules.append(('embed', 'data'))
+  elif dims == (2, 2):
+    rules += [('embed', 'model'), ('embed', 'data')]
+  else:
+    raise ValueError(
+        f'activation_partitioning_dims={activation_partitioning_dims} and '
+        f'parameter_partitioning_dims={parameter_partitioning_dims} are not '
+        'supported; each must be 1 or 2.')
+  rules += [
+      ('relpos_buckets', None),
+      ('abspos_buckets', None),
+      ('length', None),
+      ('layers', None),
+      ('stack', None),
+      ('mlp_activations', None),
+      ('prompt', None),
+      ('prompt_embed', None),
+  ]
+  if additional_rules:
+    rules += [tuple(r) for r in additional_rules]
+  return rules
+
+
+def make_mesh(num_partitions: int = 1, devices: Sequence[Any] | None = None
+             ) -> Mesh:
+  """A `('data', 'model')` mesh with `num_partitions` devices on `model`.
+
+  Args:
+    num_partitions: Model-parallel width; `data` gets the remaining
+      `len(devices) // num_partitions`.
+    devices: Devices to use; all of `jax.devices()` by default.
+
+  Returns:
+    A `jax.sharding.Mesh` of shape `(n // num_partitions, num_partitions)`.
+
+  Example:
+    >>> make_mesh().axis_names
+    ('data', 'model')
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  n = len(devices)
+  if num_partitions < 1 or n % num_partitions:
+    raise ValueError(
+        f'num_partitions={num_partitions} must be >= 1 and divide the number '
+        f'of devices ({n}).')
+  shape = (n // num_partitions, num_partitions)
+  try:
+    grid = mesh_utils.create_device_mesh(shape, devices)
+  except (ValueError, NotImplementedError, AssertionError):
+    # Unusual device subsets: fall back to the order given.
+    grid = np.asarray(devices, dtype=object).reshape(shape)
+  return Mesh(grid, MESH_AXES)
+
+
+def _is_axes_leaf(x: Any) -> bool:
+  """True for one array's logical axis names (or None = replicated)."""
+  if x is None or isinstance(x, (PartitionSpec, nn_partitioning.AxisMetadata)):
+    return True
+  return isinstance(x, (tuple, list)) and all(
+      e is None or isinstance(e, str) for e in x)
+
+
+def _strip_axes_metadata(tree: Any) -> Any:
+  """Turns a flax `params_axes` collection into a params-shaped tree.
+
+  `<name>_axes: AxisMetadata(names=...)` becomes `<name>: names`; other
+  mappings are copied as plain dicts so they match freshly initialised params.
+  """
+  if isinstance(tree, nn_partitioning.AxisMetadata):
+    return tuple(tree.names)
+  if isinstance(tree, Mapping):
+    out = {}
+    for key, value in tree.items():
+      if (isinstance(value, nn_partitioning.AxisMetadata)
+          and isinstance(key, str) and key.endswith(_AXES_SUFFIX)):
+        key = key[:-len(_AXES_SUFFIX)]
+      out[key] = _strip_axes_metadata(value)
+    return out
+  return tree
+
+
+def _plain(tree: Any) -> Any:
+  """Nested Mappings (FrozenDict included) as dicts, other nodes untouched."""
+  if isinstance(tree, Mapping):
+    return {k: _plain(v) for k, v in tree.items()}
+  return tree
+
+
+def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh,
+                    where: str) -> PartitionSpec:
+  """Replaces mesh axes that do not divide their dimension by None."""
+  entries = list(spec) + [None] * (len(shape) - len(spec))
+  for i, (entry, size) in enumerate(zip(entries, shape)):
+    if entry is None:
+      continue
+    names = (entry,) if isinstance(entry, str) else tuple(entry)
+    ways = int(np.prod([mesh.shape[a] for a in names]))
+    if size % ways:
+      log.info('%s: dim %d of size %d is not divisible by mesh axis %s (%d); '
+               'replicating it.', where, i, size, entry, ways)
+      entries[i] = None
+  return PartitionSpec(*entries)
+
+
+def logical_to_mesh_sharding(
+    axes_tree: Any,
+    mesh: Mesh,
+    rules: LogicalAxisRules | None = None,
+    shapes: Any = None,
+) -> Any:
+  """Maps logical axis names to a tree of `NamedSharding`.
+
+  Args:
+    axes_tree: Either a tree whose leaves are tuples of logical axis names
+      (`('embed', 'joined_kv')`, `None` for a replicated leaf), or a flax
+      `params_axes` collection (`{'kernel_axes': AxisMetadata(...)}`), whose
+      `_axes` suffixes are stripped so the result matches the params tree. A
+      variables dict holding `params_axes` is accepted too.
+    mesh: The device mesh.
+    rules: Logical axis rules; `standard_logical_axis_rules()` by default.
+    shapes: Optional tree matching the result, with arrays or
+      `jax.ShapeDtypeStruct` leaves (e.g. the params or `jax.eval_shape` of
+      init). When given, a dimension that its mesh axes do not divide is
+      replicated instead of failing later in `jax.device_put`/`jax.jit`.
+
+  Returns:
+    A tree of `jax.sharding.NamedSharding`, params-shaped.
+
+  Example:
+    >>> mesh = make_mesh()
+    >>> tree = {'query': {'kernel': ('embed', 'joined_kv')}}
+    >>> logical_to_mesh_sharding(tree, mesh)['query']['kernel'].spec
+    P(None, 'model')
+  """
+  if rules is None:
+    rules = standard_logical_axis_rules()
+  rules = tuple(tuple(r) for r in rules)
+  if isinstance(axes_tree, Mapping) and 'params_axes' in axes_tree:
+    axes_tree = axes_tree['params_axes']
+  axes_tree = _strip_axes_metadata(axes_tree)
+  used = set(jax.tree.leaves([r[1] for r in rules]))
+  unknown = used - set(mesh.axis_names)
+  if unknown:
+    raise ValueError(f'Rules use mesh axes {sorted(unknown)} that the mesh '
+                     f'{dict(mesh.shape)} does not have.')
+
+  def to_spec(names: Any) -> PartitionSpec:
+    if names is None:
+      return PartitionSpec()
+    if isinstance(names, nn_partitioning.AxisMetadata):
+      names = names.names
+    return nn_partitioning.logical_to_mesh_axes(tuple(names), rules)
+
+  if shapes is None:
+    return jax.tree.map(lambda a: NamedSharding(mesh, to_spec(a)), axes_tree,
+                        is_leaf=_is_axes_leaf)
+
+  def with_shape(path, names, leaf):
+    shape = tuple(getattr(leaf, 'shape', None) or np.shape(leaf))
+    spec = to_spec(names)
+    if len(spec) > len(shape):
+      raise ValueError(f'{jax.tree_util.keystr(path)}: {len(spec)} logical '
+                       f'axes {names} for an array of shape {shape}.')
+    spec = _divisible_spec(spec, shape, mesh, jax.tree_util.keystr(path))
+    return NamedSharding(mesh, spec)
+
+  return jax.tree_util.tree_map_with_path(
+      with_shape, axes_tree, _plain(shapes), is_leaf=_is_axes_leaf)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split over `data`, the rest replicated.
+
+  Example:
+    >>> batch_sharding(make_mesh()).spec
+    P('data',)
+  """
+  return NamedSharding(mesh, PartitionSpec('data'))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  """A full copy on every device (prompts, scalars, step counters)."""
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def initialize_distributed(
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+    auto: bool = False,
+) -> bool:
+  """Starts JAX's multi-host runtime when (and only when) it is configured.
+
+  Call it first thing in a multi-host entry point, before any other JAX call.
+  On one host it does nothing, so entry points can always call it.
+
+  Args:
+    coordinator_address: `host:port` of process 0; configures multi-host.
+    num_processes: Total number of processes (with `coordinator_address`).
+    process_id: This process's index (with `coordinator_address`).
+    auto: Call `jax.distributed.initialize()` with no arguments, letting JAX
+      detect the cluster (Cloud TPU pods, SLURM, ...).
+
+  Returns:
+    True if `jax.distributed.initialize` was called.
+  """
+  if coordinator_address is None and not auto:
+    if num_processes not in (None, 1) or process_id not in (None, 0):
+      raise ValueError(
+          'num_processes/process_id were given without coordinator_address; '
+          'pass coordinator_address="host:port" of process 0 (or auto=True).')
+    return False
+  if jax.distributed.is_initialized():
+    log.info('jax.distributed is already initialized.')
+    return False
+  jax.distributed.initialize(
+      coordinator_address=coordinator_address,
+      num_processes=num_processes,
+      process_id=process_id)
+  log.info('jax.distributed initialized: process %d of %d.',
+           jax.process_index(), jax.process_count())
+  return True
+
+
+def host_shard_info() -> tuple[int, int]:
+  """`(shard_id, num_shards)` for this host's slice of the input data.
+
+  Example:
+    >>> host_shard_info()
+    (0, 1)
+  """
+  return jax.process_index(), jax.process_count()

@@ -1,0 +1,121 @@
+"""The one train step and eval step, generic over what is trained.
+
+A method supplies `model_inputs(trainable, frozen, batch) -> (backbone_params, prompt)`:
+prompt tuning returns the frozen backbone and the trainable prompt; masked prompts,
+projectors and prompt stacks are other mappings; model tuning returns the trainable as
+the backbone and no prompt. Gradients are taken with respect to `trainable` alone and
+`frozen` is an argument of the jitted step, never a captured constant.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxprompt.model import Transformer, loss_and_metrics
+from jaxprompt.prompts.prompt import get_prompt, select_prompts
+
+Batch = dict[str, jax.Array]
+ModelInputs = Callable[[Any, Any, Batch], tuple[Any, jax.Array | None]]
+
+
+class TrainState(NamedTuple):
+  step: jax.Array  # int32 scalar
+  trainable: Any
+  opt_state: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """T5X loss settings (`Z_LOSS`, `LABEL_SMOOTHING`, `LOSS_NORMALIZING_FACTOR`)."""
+
+  z_loss: float = 1e-4
+  label_smoothing: float = 0.0
+  loss_normalizing_factor: float | None = None
+
+
+# ---- the mappings (trainable, frozen, batch) -> (backbone params, prompt) ----
+
+def prompt_inputs(trainable, frozen, batch):
+  """Prompt tuning: frozen backbone, one [P, d] prompt for every example."""
+  del batch
+  return frozen['backbone'], get_prompt(trainable)
+
+
+def prompt_stack_inputs(trainable, frozen, batch):
+  """Multi-task prompts: a [n, P, d] stack; each example picks row `batch['task_index']`."""
+  return frozen['backbone'], select_prompts(get_prompt(trainable), batch['task_index'])
+
+
+def model_tuning_inputs(trainable, frozen, batch):
+  """Model tuning (the baseline): every backbone weight is trained, no prompt."""
+  del frozen, batch
+  return trainable, None
+
+
+def init_state(trainable, tx: optax.GradientTransformation) -> TrainState:
+  return TrainState(jnp.zeros((), jnp.int32), trainable, tx.init(trainable))
+
+
+def _forward(module: Transformer, model_inputs: ModelInputs, trainable, frozen, batch: Batch,
+             prompt_position: int, dropout_rng=None):
+  params, prompt = model_inputs(trainable, frozen, batch)
+  rngs = {} if dropout_rng is None else {'dropout': dropout_rng}
+  return module.apply({'params': params}, batch['encoder_input_tokens'],
+                      batch['decoder_input_tokens'], batch['decoder_target_tokens'],
+                      enable_dropout=dropout_rng is not None, prompt=prompt,
+                      prompt_position=prompt_position, rngs=rngs)
+
+
+def make_train_step(module: Transformer, model_inputs: ModelInputs,
+                    tx: optax.GradientTransformation, loss: LossConfig = LossConfig(),
+                    prompt_position: int = 0, dropout: bool = True):
+  """Returns `train_step(state, frozen, batch, rng) -> (state, metrics)` (pure; jit it).
+
+  A non-finite loss or gradient leaves the state unchanged and sets `metrics['nonfinite']`,
+  so the caller can stop with the last good state.
+  """
+
+  def loss_fn(trainable, frozen, batch, rng):
+    logits = _forward(module, model_inputs, trainable, frozen, batch, prompt_position,
+                      rng if dropout else None)
+    return loss_and_metrics(logits, batch['decoder_target_tokens'],
+                            batch.get('decoder_loss_weights'), z_loss=loss.z_loss,
+                            label_smoothing=loss.label_smoothing,
+                            loss_normalizing_factor=loss.loss_normalizing_factor)
+
+  def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array):
+    step_rng = jax.random.fold_in(rng, state.step)
+    (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.trainable, frozen, batch, step_rng)
+    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+    trainable = optax.apply_updates(state.trainable, updates)
+    finite = jnp.isfinite(value) & jnp.all(jnp.array(
+        [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
+        lambda n, o: jnp.where(finite, n, o), new, old)
+    new_state = TrainState(state.step + finite.astype(jnp.int32),
+                           keep(trainable, state.trainable), keep(opt_state, state.opt_state))
+    metrics = dict(metrics, nonfinite=~finite, grad_norm=optax.global_norm(grads))
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(module: Transformer, model_inputs: ModelInputs, loss: LossConfig = LossConfig(),
+                   prompt_position: int = 0):
+  """Returns `eval_step(trainable, frozen, batch) -> summed loss metrics` (dropout off)."""
+
+  def eval_step(trainable, frozen, batch: Batch):
+    logits = _forward(module, model_inputs, trainable, frozen, batch, prompt_position)
+    _, metrics = loss_and_metrics(logits, batch['decoder_target_tokens'],
+                                  batch.get('decoder_loss_weights'), z_loss=loss.z_loss,
+                                  label_smoothing=loss.label_smoothing,
+                                  loss_normalizing_factor=loss.loss_normalizing_factor)
+    return metrics
+
+  return eval_step
