@@ -180,3 +180,25 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   seqs = jnp.where(none_finished[:, None, None], alive_seqs, fin_seqs)
   scores = jnp.where(none_finished[:, None], alive_scores, fin_scores)
   return seqs, scores
+
+
+@functools.partial(jax.jit, static_argnames=('module', 'prompt_position'))
+def rank_classify(module: Transformer, params, encoder_input_tokens: Array, label_tokens: Array,
+                  prompt: Array | None = None, prompt_position: int = 0) -> Array:
+  """Log-likelihood of every label verbalizer for every example, [B, C].
+
+  The encoder runs once per example; each of the C labels [C, Lt] (padded with 0, ending
+  in EOS) is scored teacher-forced. `argmax` over C is the rank-classification prediction.
+  """
+  batch, num_labels = encoder_input_tokens.shape[0], label_tokens.shape[0]
+  encoded = _encode(module, params, encoder_input_tokens, prompt, prompt_position)
+  encoded = jnp.repeat(encoded, num_labels, axis=0)  # [B * C, Le, d]
+  enc_tokens = jnp.repeat(encoder_input_tokens, num_labels, axis=0)
+  targets = jnp.tile(label_tokens, (batch, 1))  # [B * C, Lt]
+  decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
+  logits = module.apply({'params': params}, encoded, enc_tokens, decoder_inputs, targets,
+                        enable_dropout=False, prompt_position=prompt_position,
+                        method=Transformer.decode)
+  log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
+  token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum(token_ll * (targets > 0), axis=-1).reshape(batch, num_labels)
