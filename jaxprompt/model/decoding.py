@@ -131,12 +131,13 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   fin_scores = jnp.full((batch, k), NEG_INF)
   last = jnp.zeros((batch * k, 1), jnp.int32)
 
-  def gather_beams(x, idx):  # x [B, k, ...] or a cache leaf [B*k, ...]; idx [B, k]
-    if x.shape[0] == batch * k:
-      flat = x.reshape((batch, k) + x.shape[1:])
-      return jnp.take_along_axis(flat, idx.reshape(idx.shape + (1,) * (flat.ndim - 2)),
-                                 axis=1).reshape(x.shape)
+  def gather_beams(x, idx):  # x [B, k, ...], idx [B, k'] -> [B, k', ...]
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+  def gather_cache(c, idx):  # a cache leaf [B * k, ...] reordered by source beam idx [B, k]
+    if c.ndim == 0:
+      return c  # the shared cache index
+    return gather_beams(c.reshape((batch, k) + c.shape[1:]), idx).reshape(c.shape)
 
   def cond(state):
     i, _, _, alive_lp, _, fin_scores, _ = state
@@ -161,8 +162,7 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
     new_alive_lp, keep = jax.lax.top_k(alive_cand, k)
     new_alive_seqs = jnp.take_along_axis(seqs, keep[..., None], axis=1)
     src_beam = jnp.take_along_axis(beam_idx, keep, axis=1)
-    cache = jax.tree_util.tree_map(
-        lambda c: gather_beams(c, src_beam) if c.ndim and c.shape[0] == batch * k else c, cache)
+    cache = jax.tree_util.tree_map(lambda c: gather_cache(c, src_beam), cache)
     new_last = jnp.take_along_axis(tok, keep, axis=1).reshape(batch * k, 1)
     # Finished: merge the candidates that ended here with the old finished set.
     fin_cand = jnp.where(is_eos, _length_normalise(top_lp, i + 1, alpha), NEG_INF)
