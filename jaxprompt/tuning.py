@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+import optax
 import seqio
 
 from jaxprompt import __version__
@@ -117,7 +118,8 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
          seed: int = 0, num_partitions: int = 1, dropout_rate: float | None = None,
          z_loss: float = 1e-4, label_smoothing: float = 0.0,
          loss_normalizing_factor: float | None = None, resume: bool = True,
-         progress: bool = True, keep_checkpoints: int = 2) -> TuneResult:
+         progress: bool = True, keep_checkpoints: int = 2,
+         optimizer: optax.GradientTransformation | None = None) -> TuneResult:
   """Tunes a soft prompt (or, with `method='model_tuning'`, every weight) on `task`.
 
   Args:
@@ -136,6 +138,7 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
     metric: validation metric selecting the best checkpoint; 'score' is the task's first
       metric. `patience` evaluations without improvement stop the run (early stopping).
     num_partitions: size of the model-parallel mesh axis.
+    optimizer: replaces the default T5X Adafactor (lr, weight decay above then unused).
   """
   if method not in METHODS:
     raise ValueError(f'unknown method {method!r}; choose one of {sorted(METHODS)}')
@@ -172,6 +175,7 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
     trainable, frozen = params, {}
     tx = t5x_adafactor(learning_rate=1e-3 if learning_rate is None else learning_rate,
                        weight_decay_rate=None)
+  tx = optimizer or tx
   model_inputs = METHODS[method]
   loss = steps.LossConfig(z_loss, label_smoothing, loss_normalizing_factor)
   eng, state = engine_lib.build_engine(

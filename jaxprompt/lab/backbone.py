@@ -1,0 +1,121 @@
+"""The lab backbone: a tiny T5.1.1-shaped model pretrained by multi-task model tuning.
+
+It is trained on the prefixed SOURCE tasks (`lab_sources`), as T5's multi-task
+pretraining, through the same engine as everything else (`tune(method='model_tuning')`),
+and saved as a real T5X checkpoint (Orbax) with its vocabulary, config and a manifest in
+the cache. A fixed seed gives the same checkpoint; a second call reuses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+import optax
+
+from jaxprompt.model import T5Config, Transformer, init_params
+
+BUILD_STEPS = 2000
+BATCH_SIZE = 64
+LEARNING_RATE = 0.01
+
+
+def lab_config(vocab_size: int) -> T5Config:
+  """~1.2M parameters: d 128, 4 heads of 32, mlp 256, 3 + 3 layers, gated-gelu, untied."""
+  padded = -(-vocab_size // 8) * 8
+  return T5Config(vocab_size=padded, emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
+                  num_encoder_layers=3, num_decoder_layers=3, dropout_rate=0.0,
+                  mlp_activations=('gelu', 'linear'), logits_via_embedding=False)
+
+
+def _cache_dir(cache_dir: str | None) -> str:
+  from jaxprompt.lab.tasks import default_cache_dir
+  return cache_dir or default_cache_dir()
+
+
+def backbone_dir(steps: int = BUILD_STEPS, seed: int = 0, cache_dir: str | None = None) -> str:
+  """Where the backbone of these settings lives (a digest of everything that shapes it)."""
+  from jaxprompt.lab.tasks import vocabulary_digest
+  from jaxprompt import __version__
+  key = json.dumps(dict(steps=steps, seed=seed, batch=BATCH_SIZE, lr=LEARNING_RATE,
+                        vocab=vocabulary_digest(), version=__version__), sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+  return os.path.join(_cache_dir(cache_dir), f'backbone_{steps}steps_seed{seed}_{digest}')
+
+
+def checkpoint_path(directory: str, steps: int) -> str:
+  return os.path.join(directory, f'checkpoint_{steps}')
+
+
+def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
+          force: bool = False, progress: bool = True) -> str:
+  """Trains (or reuses) the lab backbone and returns its checkpoint path."""
+  from jaxprompt.checkpoints import save_t5x_orbax
+  from jaxprompt.lab.tasks import (SEQUENCE_LENGTH, SOURCES_MIXTURE, lab_vocabulary_path,
+                                   register_lab_tasks)
+  from jaxprompt.tuning import tune
+  steps = steps or BUILD_STEPS
+  out = backbone_dir(steps, seed, cache_dir)
+  ckpt = checkpoint_path(out, steps)
+  if os.path.exists(os.path.join(out, 'manifest.json')) and not force:
+    return ckpt
+  vocab = register_lab_tasks(cache_dir=cache_dir, seed=seed)
+  cfg = lab_config(vocab.vocab_size)
+  module = Transformer(cfg)
+  params = init_params(cfg, seed)
+  n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
+  print(f'lab: pretraining a {n_params / 1e6:.2f}M-parameter T5.1.1-shaped backbone on '
+        f'{SOURCES_MIXTURE} for {steps} steps (first use only; cached in {out})', file=sys.stderr)
+  start = time.time()
+  work = tempfile.mkdtemp(prefix='jaxprompt_lab_build_')
+  schedule = optax.warmup_cosine_decay_schedule(0.0, LEARNING_RATE, min(200, steps // 10), steps,
+                                                LEARNING_RATE * 0.1)
+  from jaxprompt.train.optimizers import t5x_adafactor
+  result = tune(SOURCES_MIXTURE, backbone=(module, params), model_dir=os.path.join(work, 'run'),
+                method='model_tuning', train_steps=steps, batch_size=BATCH_SIZE,
+                feature_lengths=SEQUENCE_LENGTH, eval_period=steps, log_period=50, seed=seed,
+                max_eval_examples=64, progress=progress, keep_checkpoints=1,
+                optimizer=t5x_adafactor(learning_rate=schedule, weight_decay_rate=None))
+  minutes = (time.time() - start) / 60
+  tmp_out = out + '.tmp'
+  shutil.rmtree(tmp_out, ignore_errors=True)
+  os.makedirs(tmp_out)
+  save_t5x_orbax(jax.device_get(result.trainable), tmp_out, steps)
+  with open(os.path.join(tmp_out, 'config.json'), 'w') as f:
+    json.dump({'t5x_T5Config': cfg.to_dict()}, f, indent=1)
+  shutil.copy(lab_vocabulary_path(cache_dir), os.path.join(tmp_out, 'vocabulary.model'))
+  manifest = dict(kind='jaxprompt lab backbone', steps=steps, seed=seed, batch_size=BATCH_SIZE,
+                  learning_rate=LEARNING_RATE, parameters=n_params, minutes=round(minutes, 2),
+                  mixture=SOURCES_MIXTURE, vocabulary=os.path.basename(lab_vocabulary_path(
+                      cache_dir)), t5_config=cfg.to_dict())
+  with open(os.path.join(tmp_out, 'manifest.json'), 'w') as f:
+    json.dump(manifest, f, indent=1)
+  shutil.rmtree(out, ignore_errors=True)
+  os.replace(tmp_out, out)
+  shutil.rmtree(work, ignore_errors=True)
+  print(f'lab: backbone built in {minutes:.1f} min: {ckpt}', file=sys.stderr)
+  return ckpt
+
+
+def source_accuracy(checkpoint: str, max_examples: int = 200) -> dict[str, float]:
+  """Validation score of the backbone on every source task, asked with its prefix."""
+  from jaxprompt.evaluate import evaluate
+  from jaxprompt.lab import SOURCE_TASKS
+  from jaxprompt.lab.tasks import SEQUENCE_LENGTH, register_lab_tasks, seqio_name
+  from jaxprompt.tuning import load_backbone
+  register_lab_tasks()
+  backbone = load_backbone(checkpoint)[:2]
+  scores = {}
+  for task in SOURCE_TASKS:
+    metrics = evaluate(seqio_name(task, prefixed=True), backbone=backbone, split='validation',
+                       feature_lengths=SEQUENCE_LENGTH, max_examples=max_examples, batch_size=100)
+    scores[task] = next(v for k, v in metrics.items() if k not in ('loss_per_token',
+                                                                   'token_accuracy'))
+  return scores

@@ -1,0 +1,53 @@
+"""Shared test fixtures: tiny T5 configs, random params, the real T5X fixtures directory."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxprompt.model.config import T5Config  # noqa: E402
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+T5X_FIXTURES = REPO_ROOT.parent / 'shared' / 'fixtures' / 't5x'
+
+# Unequal encoder/decoder depths and head_dim != emb_dim / num_heads, so transposes and
+# layer counts cannot line up by accident.
+TINY_GATED = T5Config(vocab_size=70, emb_dim=16, num_heads=3, head_dim=5, mlp_dim=24,
+                      num_encoder_layers=2, num_decoder_layers=3,
+                      mlp_activations=('gelu', 'linear'), logits_via_embedding=False)
+TINY_RELU = T5Config(vocab_size=70, emb_dim=16, num_heads=2, head_dim=6, mlp_dim=20,
+                     num_encoder_layers=3, num_decoder_layers=2, mlp_activations=('relu',),
+                     logits_via_embedding=True)
+
+
+def random_params(config: T5Config, seed: int = 0, std: float = 0.3) -> dict:
+  """Random float32 params in the T5X tree: N(0, std), embedding N(0, 1) as T5 initialises
+  it (so tied logits, scaled by 1/sqrt(d), stay O(1)), layer-norm scales around 1."""
+  from jaxprompt.checkpoints import expected_shapes, unflatten
+  rng = np.random.default_rng(seed)
+  flat = {}
+  for path, shape in expected_shapes(config).items():
+    scale = 1.0 if path == ('token_embedder', 'embedding') else std
+    value = rng.normal(0.0, scale, shape).astype(np.float32)
+    flat[path] = (1.0 + value) if path[-1] == 'scale' else value
+  return unflatten(flat)
+
+
+@pytest.fixture(params=['gated', 'relu'])
+def tiny_params(request) -> tuple[T5Config, dict]:
+  """(config, random params) for both T5 families."""
+  config = TINY_GATED if request.param == 'gated' else TINY_RELU
+  return config, random_params(config, seed=1 if request.param == 'gated' else 2)
+
+
+@pytest.fixture
+def t5x_fixtures() -> pathlib.Path:
+  """The real T5X fixtures (`../shared/fixtures/t5x`); skips when absent."""
+  if not T5X_FIXTURES.is_dir():
+    pytest.skip(f'T5X fixtures not found at {T5X_FIXTURES}')
+  return T5X_FIXTURES
