@@ -10,3 +10,17 @@ def load_t5(path, config=None):
   """
   from jaxprompt.checkpoints import load_t5 as _load_t5
   return _load_t5(path, config=config)
+
+
+def tune(task, **kwargs):
+  """Tunes a soft prompt on a seqio task; see `jaxprompt.tuning.tune`."""
+  from jaxprompt.tuning import tune as _tune
+  return _tune(task, **kwargs)
+
+
+def __getattr__(name):
+  # Submodules on first use (`jaxprompt.evaluate.evaluate(...)`), keeping `import jaxprompt` light.
+  if name in ('evaluate', 'tuning', 'model', 'prompts', 'checkpoints', 'data', 'train', 'lab'):
+    import importlib
+    return importlib.import_module(f'jaxprompt.{name}')
+  raise AttributeError(f'module jaxprompt has no attribute {name!r}')
