@@ -29,7 +29,6 @@ class EvalExamples:
 
   inputs: np.ndarray  # [N, Li] int32
   targets: np.ndarray  # [N, Lt] int32, EOS-terminated
-  targets_text: list[str]
   raw: list[dict[str, Any]]  # the preprocessed examples, for the task's postprocess_fn
   truncated_inputs: int = 0
   truncated_targets: int = 0
@@ -49,27 +48,19 @@ def _pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, int]:
 def load_examples(task: seqio.Task | str, split: str, feature_lengths: dict[str, int],
                   max_examples: int | None = None) -> EvalExamples:
   """Tokenised examples of `split`, in order, with truncation counted (never silent)."""
+  from jaxprompt.data.evaluation import eval_examples
   task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
-  ds = task.get_dataset(sequence_length=None, split=split, shuffle=False, num_epochs=1,
-                        trim_output_features=False)
-  if max_examples:
-    ds = ds.take(max_examples)
-  raw = list(ds.as_numpy_iterator())
+  raw = eval_examples(task.name, split, try_in_mem_cache=False)[:max_examples]
   if not raw:
     raise ValueError(f'task {task.name}: split {split!r} has no examples')
   inputs, ti = _pad([r['inputs'] for r in raw], feature_lengths['inputs'])
   targets, tt = _pad([r['targets'] for r in raw], feature_lengths['targets'])
-  texts = [_text(r.get('targets_pretokenized', b'')) for r in raw]
   if ti or tt:
     import warnings
     warnings.warn(f'task {task.name} {split}: {ti} of {len(raw)} inputs and {tt} targets were '
                   f'truncated to {feature_lengths}; raise the feature lengths to keep them',
                   stacklevel=2)
-  return EvalExamples(inputs, targets, texts, raw, ti, tt)
-
-
-def _text(x) -> str:
-  return x.decode('utf-8') if isinstance(x, bytes) else str(x)
+  return EvalExamples(inputs, targets, raw, ti, tt)
 
 
 def label_names(task: seqio.Task) -> list[str] | None:
@@ -155,16 +146,13 @@ class Evaluator:
 
     return jax.jit(predict)
 
-  def predictions(self, trainable) -> list[Any]:
-    """Postprocessed predictions, one per example, in order."""
-    out: list[Any] = []
+  def predictions(self, trainable) -> list[str]:
+    """Predicted texts (label verbalizers or decoded generations), one per example, in order."""
+    out: list[str] = []
     label_tokens = jnp.asarray(self.label_tokens) if self.labels else None
     for idx, batch in self._batches():
       pred = np.asarray(self._predict(trainable, self.frozen, batch, label_tokens))[:len(idx)]
-      for i, p in zip(idx, pred):
-        text = self.labels[int(p)] if self.mode == 'rank' else self._decode(p)
-        out.append(self.task.postprocess_fn(text, example=self.examples.raw[i], is_target=False)
-                   if self.task.postprocess_fn else text)
+      out.extend(self.labels[int(p)] if self.mode == 'rank' else self._decode(p) for p in pred)
     return out
 
   def _decode(self, tokens: np.ndarray) -> str:
@@ -173,16 +161,11 @@ class Evaluator:
       tokens = tokens[:tokens.index(self.vocab.eos_id)]
     return self.vocab.decode([t for t in tokens if t > 0])
 
-  def targets(self) -> list[Any]:
-    pp = self.task.postprocess_fn
-    return [pp(t, example=r, is_target=True) if pp else t
-            for t, r in zip(self.examples.targets_text, self.examples.raw)]
-
   def __call__(self, trainable) -> dict[str, float]:
-    preds, targets = self.predictions(trainable), self.targets()
-    metrics: dict[str, float] = {}
-    for fn in self.task.metric_fns:
-      metrics.update({k: float(v) for k, v in fn(targets, preds).items()})
+    from jaxprompt.data.evaluation import compute_metrics
+    texts = self.predictions(trainable)
+    metrics = {k: float(v) for k, v in
+               compute_metrics(self.task.name, self.examples.raw, texts, self.task).items()}
     if self.eval_step is not None:
       sums = {'loss': 0.0, 'weight_sum': 0.0, 'num_correct': 0.0}
       for _, batch in self._batches():

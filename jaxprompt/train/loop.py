@@ -8,7 +8,6 @@ and an `evaluate(trainable) -> metrics` callable.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import sys
 import time
@@ -185,8 +184,3 @@ def restore_best(model_dir: str, state_like):
   best.close()
   return state, meta
 
-
-def finite_or_raise(x: float, what: str) -> float:
-  if not math.isfinite(x):
-    raise NonFiniteLossError(f'{what} is not finite')
-  return x
