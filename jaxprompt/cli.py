@@ -163,6 +163,7 @@ def _print_result(result) -> None:
   if result.best_metrics:
     print(f'validation best (step {result.best_step}): ' + _fmt(result.best_metrics))
   for label, path in (('prompt (best)', result.best_prompt_path),
+                      ('model (best)', result.best_model_path),
                       ('prompt (final)', result.prompt_path), ('plot', result.plot_path)):
     if path:
       print(f'{label}: {path}')
@@ -192,7 +193,8 @@ def _info_command(args) -> int:
 def _eval_command(args) -> int:
   from jaxprompt import evaluate
   setup_tasks(args.vocabulary)
-  metrics = evaluate.evaluate(args.task, backbone=args.backbone, prompt=args.prompt,
+  prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
+  metrics = evaluate.evaluate(args.task, backbone=args.backbone, prompt=prompt,
                               split=args.split, mode=args.mode, batch_size=args.batch_size,
                               feature_lengths={'inputs': args.inputs_length,
                                                'targets': args.targets_length},
@@ -201,7 +203,8 @@ def _eval_command(args) -> int:
     print(json.dumps(metrics))
   else:
     width = max(len(k) for k in metrics)
-    print(f'{args.task} [{args.split}]' + (f' with {args.prompt}' if args.prompt else ''))
+    print(f'{args.task} [{args.split}]' + (f' with {" + ".join(args.prompt)}' if args.prompt
+                                            else ''))
     for k, v in metrics.items():
       print(f'  {k:<{width}}  {v:10.4f}')
   return 0
@@ -243,7 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
   ev = sub.add_parser('eval', help='evaluate a prompt file (or none) on a task split')
   ev.add_argument('--task', required=True)
   ev.add_argument('--backbone', required=True, help='checkpoint (T5X legacy/Orbax, HF)')
-  ev.add_argument('--prompt', default=None, help='prompt file (.safetensors or .npy)')
+  ev.add_argument('--prompt', default=None, nargs='+',
+                  help='prompt file (.safetensors or .npy); several files vote as an ensemble')
   ev.add_argument('--split', default='validation')
   ev.add_argument('--mode', default='auto', choices=('auto', 'rank', 'greedy', 'beam'))
   ev.add_argument('--batch_size', type=int, default=32)

@@ -15,6 +15,7 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 import sys
 from typing import Any, Mapping
 
@@ -51,6 +52,7 @@ class TuneResult:
   best_prompt_path: str | None
   plot_path: str | None
   trainable: Any = dataclasses.field(repr=False, default=None)
+  best_model_path: str | None = None  # model tuning: a T5X checkpoint of the best weights
 
 
 def load_backbone(backbone, config: T5Config | str | None = None,
@@ -70,7 +72,8 @@ def load_backbone(backbone, config: T5Config | str | None = None,
 
 def make_prompt_init(kind: str, embedding, vocabulary: seqio.Vocabulary | None,
                      labels: list[str] | None = None, scale: float = 0.5, text: str | None = None,
-                     file: str | None = None, population: int = 5000):
+                     file: str | None = None, population: int = 5000,
+                     backbone: str | None = None):
   """An initialiser by name (see `jaxprompt.prompts.initializers`)."""
   if kind == 'uniform':
     return initializers.uniform(scale, symmetric=True)
@@ -94,7 +97,7 @@ def make_prompt_init(kind: str, embedding, vocabulary: seqio.Vocabulary | None,
     if not file:
       raise ValueError("prompt init 'file' needs a prompt file (--prompt_init_file)")
     pf = read_prompt(file)
-    check_compatible(pf, embedding.shape[-1], path=file)
+    check_compatible(pf, embedding.shape[-1], backbone, path=file)
     return initializers.from_array(pf.masked_value())
   raise ValueError(f'unknown prompt init {kind!r}; choose one of {PROMPT_INITS}')
 
@@ -119,7 +122,9 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
          z_loss: float = 1e-4, label_smoothing: float = 0.0,
          loss_normalizing_factor: float | None = None, resume: bool = True,
          progress: bool = True, keep_checkpoints: int = 2,
-         optimizer: optax.GradientTransformation | None = None) -> TuneResult:
+         optimizer: optax.GradientTransformation | None = None,
+         coordinator_address: str | None = None, num_processes: int | None = None,
+         process_id: int | None = None) -> TuneResult:
   """Tunes a soft prompt (or, with `method='model_tuning'`, every weight) on `task`.
 
   Args:
@@ -139,10 +144,14 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
       metric. `patience` evaluations without improvement stop the run (early stopping).
     num_partitions: size of the model-parallel mesh axis.
     optimizer: replaces the default T5X Adafactor (lr, weight decay above then unused).
+    coordinator_address, num_processes, process_id: multi-host runs (`jax.distributed`);
+      each host then reads its own shard of the training data.
   """
   if method not in METHODS:
     raise ValueError(f'unknown method {method!r}; choose one of {sorted(METHODS)}')
   feature_lengths = dict(feature_lengths or {'inputs': 256, 'targets': 16})
+  from jaxprompt.train.partitioning import initialize_distributed
+  initialize_distributed(coordinator_address, num_processes, process_id)
   module, params, backbone_name = load_backbone(backbone, config, dropout_rate)
   cfg = module.config
   seqio_task = seqio.get_mixture_or_task(task)
@@ -166,7 +175,7 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
   if is_prompt:
     embedding = np.asarray(params['token_embedder']['embedding'])
     init_fn = make_prompt_init(prompt_init, embedding, vocab, labels, prompt_init_scale,
-                               prompt_init_text, prompt_init_file)
+                               prompt_init_text, prompt_init_file, backbone=backbone_name)
     trainable = prompt_lib.init_prompt(init_rng, prompt_length, cfg.emb_dim, init_fn)
     frozen = {'backbone': params}
     tx = t5x_adafactor(learning_rate=0.3 if learning_rate is None else learning_rate,
@@ -205,11 +214,20 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
                      position=prompt_position)
   best_path = os.path.join(model_dir, 'prompt_best.safetensors')
 
+  best_model_dir = os.path.join(model_dir, 'model_best')
+
   def on_best(trainable, step, metrics):
     if is_prompt:
       value = np.asarray(jax.device_get(prompt_lib.get_prompt(trainable)))
       write_prompt(best_path, value, overwrite=True, step=step, metrics=metrics, **prompt_meta)
       write_prompt(best_path.replace('.safetensors', '.npy'), value, overwrite=True)
+    elif jax.process_index() == 0:
+      # Model tuning's product is a whole model: a T5X (Orbax) checkpoint that load_t5 reads.
+      from jaxprompt.checkpoints import save_t5x_orbax
+      shutil.rmtree(best_model_dir, ignore_errors=True)
+      save_t5x_orbax(jax.device_get(trainable), best_model_dir, step)
+      with open(os.path.join(best_model_dir, 'config.json'), 'w') as f:
+        json.dump({'t5x_T5Config': cfg.to_dict(), 'metrics': metrics}, f, indent=1)
 
   result = loop.train_loop(
       eng.train_step, state, eng.frozen, batches, dropout_rng, model_dir,
@@ -234,4 +252,5 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
   return TuneResult(model_dir, result.step, result.best_step, result.best_metrics,
                     summary['initial_metrics'], final_metrics, prompt_path,
                     best_path if is_prompt and result.best_step is not None else None,
-                    result.plot, result.state.trainable)
+                    result.plot, result.state.trainable,
+                    None if is_prompt or result.best_step is None else best_model_dir)

@@ -121,3 +121,30 @@ def test_tune_eval_info_end_to_end(tiny_setup, capsys):
   assert cli.main(['info', s['ckpt'], '--json']) == 0
   d = json.loads(capsys.readouterr().out)
   assert d['format'] == 't5x_legacy' and d['family'] == 't5_1_1'
+
+
+def test_prompt_ensemble_votes(tiny_setup):
+  """Prompts [a, a, b] vote like a alone, [b, b, a] like b alone, and a and b disagree."""
+  from jaxprompt.prompts import prompt_tree
+  from jaxprompt.train import evaluation, steps
+  from jaxprompt.tuning import load_backbone
+  s = tiny_setup
+  cli.setup_tasks(s['spm'], s['train'], s['dev'], 'cli_task', 'text', 'target', 'label',
+                  ['bad', 'good'])
+  module, _, _ = load_backbone(s['ckpt'])
+  from conftest import random_params
+  params = random_params(module.config, seed=5, std=0.5)  # sensitive to the prompt
+  examples = evaluation.load_examples('cli_task', 'validation', {'inputs': 16, 'targets': 4})
+
+  def predict(prompt, ensemble=False, mode='rank'):
+    ev = evaluation.Evaluator(module, {'backbone': params}, steps.prompt_inputs, 'cli_task',
+                              examples, batch_size=8, mode=mode, ensemble=ensemble)
+    return ev.predictions(prompt_tree(prompt))
+
+  rs = np.random.RandomState(3)
+  for mode in ('rank', 'greedy'):
+    a, b = rs.uniform(-3, 3, (3, 32)), rs.uniform(-3, 3, (3, 32))
+    pa, pb = predict(a, mode=mode), predict(b, mode=mode)
+    assert pa != pb
+    assert predict(np.stack([a, a, b]), True, mode) == pa
+    assert predict(np.stack([b, b, a]), True, mode) == pb

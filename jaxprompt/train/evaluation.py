@@ -8,6 +8,7 @@ teacher-forced loss metrics come along. Each path is one jitted program per shap
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Callable, Sequence
@@ -87,12 +88,15 @@ class Evaluator:
     prompt_position: where the prompt enters.
     eval_step: the engine's teacher-forced eval step, for loss metrics (optional).
     batch_extras: constant batch entries (e.g. `task_index` for prompt stacks).
+    ensemble: the prompt is a stack [n, P, d] of prompts for this one task; every example runs
+      with each of them in one batch and the n predictions vote (ties go to the earlier prompt).
   """
 
   def __init__(self, module: Transformer, frozen, model_inputs: ModelInputs,
                task: seqio.Task | str, examples: EvalExamples, batch_size: int = 32,
                mode: str = 'auto', prompt_position: int = 0, eval_step: Callable | None = None,
-               num_beams: int = 4, batch_extras: dict[str, Any] | None = None):
+               num_beams: int = 4, batch_extras: dict[str, Any] | None = None,
+               ensemble: bool = False):
     if mode not in MODES:
       raise ValueError(f'evaluation mode {mode!r}: choose one of {MODES}')
     self.task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
@@ -100,6 +104,7 @@ class Evaluator:
     self.examples, self.batch_size = examples, batch_size
     self.prompt_position, self.eval_step, self.num_beams = prompt_position, eval_step, num_beams
     self.batch_extras = batch_extras or {}
+    self.ensemble = ensemble
     self.labels = label_names(self.task)
     self.mode = ('rank' if self.labels else 'greedy') if mode == 'auto' else mode
     if self.mode == 'rank' and not self.labels:
@@ -136,6 +141,10 @@ class Evaluator:
     def predict(trainable, frozen, batch, label_tokens):
       params, prompt = self.model_inputs(trainable, frozen, batch)
       tokens = batch['encoder_input_tokens']
+      if self.ensemble:  # [B, L] x [n, P, d] -> rows b * n + i run example b with prompt i
+        n = prompt.shape[0]
+        tokens = jnp.repeat(tokens, n, axis=0)
+        prompt = jnp.tile(prompt, (batch['encoder_input_tokens'].shape[0], 1, 1))
       if self.mode == 'rank':
         return jnp.argmax(decoding.rank_classify(module, params, tokens, label_tokens, prompt,
                                                  position), axis=-1)
@@ -151,8 +160,13 @@ class Evaluator:
     out: list[str] = []
     label_tokens = jnp.asarray(self.label_tokens) if self.labels else None
     for idx, batch in self._batches():
-      pred = np.asarray(self._predict(trainable, self.frozen, batch, label_tokens))[:len(idx)]
-      out.extend(self.labels[int(p)] if self.mode == 'rank' else self._decode(p) for p in pred)
+      pred = np.asarray(self._predict(trainable, self.frozen, batch, label_tokens))
+      texts = [self.labels[int(p)] if self.mode == 'rank' else self._decode(p) for p in pred]
+      if self.ensemble:
+        n = len(texts) // self.batch_size
+        texts = [collections.Counter(texts[b * n:(b + 1) * n]).most_common(1)[0][0]
+                 for b in range(self.batch_size)]
+      out.extend(texts[:len(idx)])
     return out
 
   def _decode(self, tokens: np.ndarray) -> str:
