@@ -48,27 +48,8 @@ def _mean_rows(embedding, token_ids: Sequence[int]) -> jax.Array:
   return jnp.mean(embedding[jnp.asarray(list(token_ids))], axis=0)
 
 
-def class_labels(embedding, label_token_ids: Sequence[Sequence[int]],
-                 fallback: Initializer | None = None) -> Initializer:
-  """First positions hold the label embeddings (a multi-piece label is averaged); the rest
-  come from `fallback` (sampled vocabulary by default). Labels beyond the prompt are dropped."""
-  embedding = jnp.asarray(embedding)
-  labels = jnp.stack([_mean_rows(embedding, ids) for ids in label_token_ids])
-  fallback = fallback or sampled_vocab(embedding)
-
-  def init(rng, shape, dtype=jnp.float32):
-    out = fallback(rng, shape, dtype)
-    n = min(shape[0], labels.shape[0])
-    return out.at[:n].set(labels[:n].astype(dtype))
-
-  return init
-
-
-def text(embedding, token_ids: Sequence[int], fallback: Initializer | None = None) -> Initializer:
-  """The embedded tokens of a string at the first positions; the rest from `fallback`."""
-  embedding = jnp.asarray(embedding)
-  rows = embedding[jnp.asarray(list(token_ids), jnp.int32)]
-  fallback = fallback or sampled_vocab(embedding)
+def _rows_first(rows: jax.Array, fallback: Initializer) -> Initializer:
+  """The given rows at the first positions (dropped beyond the prompt), `fallback` after."""
 
   def init(rng, shape, dtype=jnp.float32):
     out = fallback(rng, shape, dtype)
@@ -76,6 +57,22 @@ def text(embedding, token_ids: Sequence[int], fallback: Initializer | None = Non
     return out.at[:n].set(rows[:n].astype(dtype))
 
   return init
+
+
+def class_labels(embedding, label_token_ids: Sequence[Sequence[int]],
+                 fallback: Initializer | None = None) -> Initializer:
+  """First positions hold the label embeddings (a multi-piece label is averaged); the rest
+  come from `fallback` (sampled vocabulary by default). Labels beyond the prompt are dropped."""
+  embedding = jnp.asarray(embedding)
+  labels = jnp.stack([_mean_rows(embedding, ids) for ids in label_token_ids])
+  return _rows_first(labels, fallback or sampled_vocab(embedding))
+
+
+def text(embedding, token_ids: Sequence[int], fallback: Initializer | None = None) -> Initializer:
+  """The embedded tokens of a string at the first positions; the rest from `fallback`."""
+  embedding = jnp.asarray(embedding)
+  rows = embedding[jnp.asarray(list(token_ids), jnp.int32)]
+  return _rows_first(rows, fallback or sampled_vocab(embedding))
 
 
 def from_array(value) -> Initializer:
