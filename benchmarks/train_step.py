@@ -1,0 +1,544 @@
+"""Train-step throughput, peak memory and FLOP utilisation: jaxprompt vs PyTorch/PEFT.
+
+One invocation measures, side by side on this machine, on the same random T5.1.1-small
+weights (written once with `save_hf`, read by both sides from the same safetensors file):
+
+  jax_prompt    jaxprompt prompt tuning: `build_engine` + `prompt_inputs` + `t5x_adafactor`
+                (lr 0.3, T5X prompt-tuning defaults), dropout 0.1, z_loss 1e-4
+  peft_prompt   HF PEFT prompt tuning (`PromptTuningConfig(SEQ_2_SEQ_LM, 100 virtual tokens,
+                num_transformer_submodules=1)`), `torch.optim.Adafactor(lr=0.3)`, dropout 0.1
+  jax_model     jaxprompt model tuning: `model_tuning_inputs`, `trainable_is_backbone=True`,
+                `t5x_adafactor(lr=1e-3, multiply_by_parameter_scale=True, no weight decay)`
+  torch_model   transformers full fine-tuning, `torch.optim.Adafactor(lr=1e-3)` (factored
+                second moments, parameter-relative step: the same family as T5X's)
+
+Batch: 8 examples, 156 text tokens (+ 100 prompt vectors for prompt tuning, so the encoder
+sees 256 positions), 8 target tokens; model tuning uses the same batch without a prompt.
+
+Each case runs in its own child process, so peak memory (VmHWM, the kernel's resident
+high-water mark) belongs to one framework alone. Two peaks are reported: the whole process
+(imports, checkpoint loading, compilation, warm-up, timed steps) and the training loop alone
+(the high-water mark is reset with /proc/self/clear_refs after warm-up). Warm-up steps are
+excluded from the throughput; the first step (jax: trace + compile + run) is reported apart.
+
+FLOP/s: `model FLOPs` is an analytic count of the matmul work a step must do (forward; input
+gradients; weight gradients only for model tuning), the same number for both frameworks. The
+machine's peak is measured in the same run: the best of a jitted 4096x4096 @ 4096x4096 float32
+matmul in JAX and the same matmul in torch. XLA's own count for the compiled jaxprompt step
+(`cost_analysis()['flops']`) is reported next to it.
+
+  python benchmarks/train_step.py                      # all cases, float32
+  python benchmarks/train_step.py --dtype bfloat16     # jaxprompt activations in bfloat16
+  python benchmarks/train_step.py --cases jax_prompt,peft_prompt --steps 5
+
+Writes a table to stdout and JSON to benchmarks/results/train_step.json (see --json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+CASES = ('jax_prompt', 'peft_prompt', 'jax_model', 'torch_model')
+CONFIG_NAME = 't5_1_1_small'
+BATCH, TEXT_LEN, PROMPT_LEN, TARGET_LEN = 8, 156, 100, 8
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def memory_mb() -> dict[str, float]:
+  """Current and peak resident set size of this process, MiB (from /proc/self/status)."""
+  out = {}
+  with open('/proc/self/status') as f:
+    for line in f:
+      if line.startswith(('VmRSS:', 'VmHWM:')):
+        out[line.split(':')[0]] = int(line.split()[1]) / 1024
+  return {'rss': out.get('VmRSS', float('nan')), 'hwm': out.get('VmHWM', float('nan'))}
+
+
+def release_free_memory() -> None:
+  """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere."""
+  import ctypes
+  import gc
+  gc.collect()
+  try:
+    ctypes.CDLL('libc.so.6').malloc_trim(0)
+  except (OSError, AttributeError):
+    pass
+
+
+def reset_peak_memory() -> bool:
+  """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
+  try:
+    with open('/proc/self/clear_refs', 'w') as f:
+      f.write('5')
+    return True
+  except OSError:
+    return False
+
+
+def make_batch(vocab_size: int, seed: int = 0):
+  """Full-length random text ending in EOS (1), targets ending in EOS; no padding."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  inputs = rng.integers(2, vocab_size, (BATCH, TEXT_LEN), dtype=np.int32)
+  inputs[:, -1] = 1
+  targets = rng.integers(2, vocab_size, (BATCH, TARGET_LEN), dtype=np.int32)
+  targets[:, -1] = 1
+  decoder_inputs = np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], axis=1)
+  return dict(encoder_input_tokens=inputs, decoder_input_tokens=decoder_inputs,
+              decoder_target_tokens=targets,
+              decoder_loss_weights=(targets > 0).astype(np.float32))
+
+
+def model_flops(cfg, batch: int, enc_len: int, dec_len: int, mode: str) -> float:
+  """Matmul FLOPs of one train step (2 per multiply-add).
+
+  mode 'prompt': forward + gradients of every activation (back to the prompt), no weight
+  gradients; 'model': forward + activation gradients + weight gradients. Every matmul
+  X[m, k] @ Y[k, n] costs 2mkn forward and 2mkn per operand gradient; attention
+  (query-key, weights-value) has two activation operands. Element-wise work is left out.
+  """
+  d, hd, f, v = cfg.emb_dim, cfg.num_heads * cfg.head_dim, cfg.mlp_dim, cfg.vocab_size
+  n_wi = len(cfg.mlp_activations)
+  weight, act = 0.0, 0.0  # forward FLOPs of weight matmuls and activation-activation matmuls
+  le, ld = enc_len, dec_len
+  for _ in range(cfg.num_encoder_layers):
+    weight += 2 * le * d * hd * 4  # q, k, v, out
+    act += 2 * le * le * hd * 2  # scores, weights @ values
+    weight += 2 * le * d * f * (n_wi + 1)  # wi_0, wi_1, wo
+  for _ in range(cfg.num_decoder_layers):
+    weight += 2 * ld * d * hd * 4  # self-attention q, k, v, out
+    act += 2 * ld * ld * hd * 2
+    weight += 2 * ld * d * hd * 2 + 2 * le * d * hd * 2  # cross q, out; k, v of the encoder
+    act += 2 * ld * le * hd * 2
+    weight += 2 * ld * d * f * (n_wi + 1)
+  weight += 2 * ld * d * v  # logits
+  forward = batch * (weight + act)
+  backward_inputs = batch * (weight + 2 * act)
+  backward_weights = batch * weight if mode == 'model' else 0.0
+  return forward + backward_inputs + backward_weights
+
+
+def child_env() -> dict[str, str]:
+  env = dict(os.environ)
+  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
+  return env
+
+
+# ----------------------------------------------------------------------------- children
+
+
+def child_prepare(args) -> dict:
+  """Writes random T5.1.1-small weights (jaxprompt's T5X initialisers) as an HF directory."""
+  from jaxprompt.checkpoints import save_hf
+  from jaxprompt.model import get_config, init_params
+  config = get_config(CONFIG_NAME)
+  params = init_params(config, 0)
+  save_hf(params, config, args.checkpoint)
+  import jax
+  n = sum(x.size for x in jax.tree_util.tree_leaves(params))
+  return {'params': int(n)}
+
+
+def child_peak(args) -> dict:
+  """Best float32 matmul rate of jitted JAX and of torch (n x n @ n x n), FLOP/s."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  n = args.matmul_size
+  flops = 2.0 * n ** 3
+  a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
+  b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), np.float32))
+  mm = jax.jit(jnp.matmul)
+  mm(a, b).block_until_ready()
+  times = []
+  for _ in range(args.matmul_reps):
+    t = time.perf_counter()
+    mm(a, b).block_until_ready()
+    times.append(time.perf_counter() - t)
+  out = {'jax_matmul_flops_per_s': flops / min(times)}
+  del a, b
+  import torch
+  ta = torch.randn(n, n)
+  tb = torch.randn(n, n)
+  torch.matmul(ta, tb)
+  times = []
+  for _ in range(args.matmul_reps):
+    t = time.perf_counter()
+    torch.matmul(ta, tb)
+    times.append(time.perf_counter() - t)
+  out['torch_matmul_flops_per_s'] = flops / min(times)
+  out['peak_flops_per_s'] = max(out['jax_matmul_flops_per_s'], out['torch_matmul_flops_per_s'])
+  out['matmul_size'] = n
+  return out
+
+
+def _timed_loop(step, warmup: int, steps: int, trim: bool = False) -> dict:
+  """Runs `step()` (which must block until done); returns timings and memory."""
+  import resource
+  t = time.perf_counter()
+  step()
+  first = time.perf_counter() - t
+  for _ in range(max(warmup - 1, 0)):
+    step()
+  if trim:
+    release_free_memory()
+  mem_before = memory_mb()
+  reset = reset_peak_memory()
+  times = []
+  r0 = resource.getrusage(resource.RUSAGE_SELF)
+  for _ in range(steps):
+    t = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - t)
+  r1 = resource.getrusage(resource.RUSAGE_SELF)
+  mem_after = memory_mb()
+  return {
+      'first_step_s': first,
+      'step_times_s': times,
+      'user_s_per_step': (r1.ru_utime - r0.ru_utime) / steps,
+      'sys_s_per_step': (r1.ru_stime - r0.ru_stime) / steps,
+      'minor_faults_per_step': (r1.ru_minflt - r0.ru_minflt) / steps,
+      'peak_rss_mb_process': max(mem_before['hwm'], mem_after['hwm']),
+      'peak_rss_mb_train': mem_after['hwm'] if reset else float('nan'),
+      'rss_mb_end': mem_after['rss'],
+  }
+
+
+def child_jax(args, mode: str) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from jaxprompt.checkpoints import load_t5
+  from jaxprompt.prompts import init_prompt
+  from jaxprompt.train.engine import build_engine
+  from jaxprompt.train.optimizers import t5x_adafactor
+  from jaxprompt.train.steps import (LossConfig, make_train_step, model_tuning_inputs,
+                                     prompt_inputs)
+
+  base_mb = memory_mb()['rss']
+  module, params = load_t5(args.checkpoint)
+  if args.malloc_trim:
+    release_free_memory()
+  config = module.config.replace(dtype=args.dtype, dropout_rate=0.1)
+  module = type(module)(config)
+  loaded_mb = memory_mb()['rss']
+  if mode == 'prompt':
+    tx = t5x_adafactor(learning_rate=0.3)
+    trainable = init_prompt(jax.random.PRNGKey(0), PROMPT_LEN, config.emb_dim)
+    frozen = {'backbone': params}
+    engine, state = build_engine(module, prompt_inputs, tx, frozen, trainable)
+    mapping = prompt_inputs
+  else:
+    tx = t5x_adafactor(learning_rate=1e-3, multiply_by_parameter_scale=True,
+                       weight_decay_rate=None)
+    frozen = {}
+    engine, state = build_engine(module, model_tuning_inputs, tx, frozen, params,
+                                 trainable_is_backbone=True)
+    mapping = model_tuning_inputs
+  del params, frozen
+  batch = engine.put_batch(make_batch(config.vocab_size))
+  rng = jax.random.PRNGKey(1)
+  holder = {'state': state}
+  del state
+
+  def step():
+    holder['state'], metrics = engine.train_step(holder['state'], engine.frozen, batch, rng)
+    jax.block_until_ready((holder['state'], metrics))
+    holder['metrics'] = metrics
+
+  out = _timed_loop(step, args.warmup, args.steps, args.malloc_trim)
+  out['loss_last'] = float(holder['metrics']['loss'])
+  out['rss_mb_after_imports'] = base_mb
+  out['rss_mb_after_load'] = loaded_mb
+  out['trainable_params'] = int(sum(x.size for x in jax.tree_util.tree_leaves(
+      holder['state'].trainable)))
+  out['backend'] = f'jax {jax.__version__} ({jax.default_backend()}, {jax.device_count()} dev)'
+  if args.cost_analysis:
+    # The same step, compiled again (not donated) only to ask XLA for its FLOP count.
+    train = make_train_step(module, mapping, tx, LossConfig(), 0, True)
+    with engine.mesh:
+      t = time.perf_counter()
+      compiled = jax.jit(train).lower(holder['state'], engine.frozen, batch, rng).compile()
+      out['compile_s'] = time.perf_counter() - t
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    out['xla_flops'] = float(cost.get('flops', float('nan'))) if cost else float('nan')
+  del jnp
+  return out
+
+
+def child_torch(args, mode: str) -> dict:
+  import numpy as np
+  import torch
+  import transformers
+
+  torch.manual_seed(0)
+  # XLA:CPU flushes denormals to zero; torch does not unless asked, and T5X-initialised
+  # random weights produce denormal attention probabilities that make MKL ~5x slower.
+  flush = bool(torch.set_flush_denormal(args.flush_denormal))
+  base_mb = memory_mb()['rss']
+  model = transformers.T5ForConditionalGeneration.from_pretrained(args.checkpoint,
+                                                                  dtype=torch.float32)
+  if args.malloc_trim:
+    release_free_memory()
+  loaded_mb = memory_mb()['rss']
+  if mode == 'prompt':
+    import peft
+    config = peft.PromptTuningConfig(task_type=peft.TaskType.SEQ_2_SEQ_LM,
+                                     num_virtual_tokens=PROMPT_LEN,
+                                     num_transformer_submodules=1)
+    model = peft.get_peft_model(model, config)
+    lr = 0.3
+    backend = f'torch {torch.__version__} + transformers {transformers.__version__} + peft ' \
+              f'{peft.__version__}'
+  else:
+    lr = 1e-3
+    backend = f'torch {torch.__version__} + transformers {transformers.__version__}'
+  model.train()  # dropout 0.1, as the jax side
+  params = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.Adafactor(params, lr=lr)
+  b = make_batch(model.config.vocab_size)
+  input_ids = torch.from_numpy(b['encoder_input_tokens'].astype(np.int64))
+  attention_mask = (input_ids > 0).long()
+  decoder_input_ids = torch.from_numpy(b['decoder_input_tokens'].astype(np.int64))
+  labels = torch.from_numpy(b['decoder_target_tokens'].astype(np.int64))
+  labels[labels == 0] = -100
+  holder = {}
+
+  def step():
+    out = model(input_ids=input_ids, attention_mask=attention_mask,
+                decoder_input_ids=decoder_input_ids, labels=labels)
+    out.loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    holder['loss'] = float(out.loss.detach())
+
+  out = _timed_loop(step, args.warmup, args.steps, args.malloc_trim)
+  out['loss_last'] = holder['loss']
+  out['rss_mb_after_imports'] = base_mb
+  out['rss_mb_after_load'] = loaded_mb
+  out['trainable_params'] = int(sum(p.numel() for p in params))
+  out['backend'] = f'{backend} ({torch.get_num_threads()} threads)'
+  out['flush_denormal'] = flush
+  return out
+
+
+def run_child(argv: list[str], env) -> dict:
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, env=env,
+                        capture_output=True, text=True)
+  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
+  if proc.returncode != 0 or not lines:
+    sys.stderr.write(proc.stderr[-4000:])
+    raise RuntimeError(f'child {argv[:2]} failed with exit code {proc.returncode}')
+  return json.loads(lines[-1][len('RESULT '):])
+
+
+# ----------------------------------------------------------------------------- parent
+
+
+def aggregate(runs: list[dict]) -> dict:
+  """Pools the child runs of one case (one per round): medians of the step times."""
+  times = [t for r in runs for t in r['step_times_s']]
+  out = dict(runs[0])
+  out.update(
+      rounds=len(runs),
+      step_times_s=times,
+      step_s_median=statistics.median(times),
+      step_s_min=min(times),
+      first_step_s=statistics.median(r['first_step_s'] for r in runs),
+      user_s_per_step=statistics.median(r['user_s_per_step'] for r in runs),
+      sys_s_per_step=statistics.median(r['sys_s_per_step'] for r in runs),
+      minor_faults_per_step=statistics.median(r['minor_faults_per_step'] for r in runs),
+      peak_rss_mb_process=max(r['peak_rss_mb_process'] for r in runs),
+      peak_rss_mb_train=max(r['peak_rss_mb_train'] for r in runs),
+      loss_last=runs[-1]['loss_last'],
+  )
+  return out
+
+
+def table(results: dict) -> str:
+  rows = [('case', 'dtype', 's/step', 'ex/s', 'tok/s', 'cpu s/step', 'sys s', 'peak RSS MB',
+           'loop RSS MB', '1st step s', 'GFLOP/s', 'of peak')]
+  for name, r in results.items():
+    cpu = r['user_s_per_step'] + r['sys_s_per_step']
+    rows.append((name, r['dtype'], f"{r['step_s_median']:.2f}", f"{r['examples_per_s']:.2f}",
+                 f"{r['tokens_per_s']:.0f}", f"{cpu:.2f}", f"{r['sys_s_per_step']:.2f}",
+                 f"{r['peak_rss_mb_process']:.0f}", f"{r['peak_rss_mb_train']:.0f}",
+                 f"{r['first_step_s']:.1f}", f"{r['model_flops_per_s'] / 1e9:.0f}",
+                 f"{100 * r['fraction_of_peak']:.0f}%"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  lines = ['  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+           for row in rows]
+  lines.insert(1, '-' * len(lines[0]))
+  return '\n'.join(lines)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  p.add_argument('--cases', default=','.join(CASES), help=f'comma list of {CASES}')
+  p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
+                 help='jaxprompt activation dtype (params stay float32); torch runs float32')
+  p.add_argument('--steps', type=int, default=5, help='timed steps per case and round')
+  p.add_argument('--warmup', type=int, default=2, help='untimed steps (the first compiles)')
+  p.add_argument('--rounds', type=int, default=2,
+                 help='runs per case; odd rounds go through the cases in reverse (ABBA), '
+                      'so a change in machine load hits both frameworks alike')
+  p.add_argument('--matmul-size', type=int, default=4096)
+  p.add_argument('--matmul-reps', type=int, default=3)
+  p.add_argument('--no-cost-analysis', dest='cost_analysis', action='store_false',
+                 help="skip XLA's FLOP count (saves one compile per jax case)")
+  p.add_argument('--no-flush-denormal', dest='flush_denormal', action='store_false',
+                 help='leave torch denormals on (XLA:CPU always flushes them)')
+  p.add_argument('--malloc-hugetlb', action='store_true',
+                 help='run every child with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 '
+                      '(transparent huge pages for large mallocs)')
+  p.add_argument('--malloc-trim', action='store_true',
+                 help='every child calls malloc_trim(0) after loading the weights and after '
+                      'the warm-up steps (returns freed heap, e.g. compiler memory, to the OS)')
+  p.add_argument('--xla-flags', default=None, help='extra XLA_FLAGS for the jax children')
+  p.add_argument('--json', default=os.path.join(HERE, 'results', 'train_step.json'))
+  p.add_argument('--checkpoint', default=None, help=argparse.SUPPRESS)
+  p.add_argument('--child', default=None, help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+
+  if args.child:
+    kind = args.child
+    if kind == 'prepare':
+      result = child_prepare(args)
+    elif kind == 'peak':
+      result = child_peak(args)
+    elif kind.startswith('jax_'):
+      result = child_jax(args, kind[len('jax_'):])
+    else:
+      result = child_torch(args, 'prompt' if kind == 'peft_prompt' else 'model')
+    print('RESULT ' + json.dumps(result), flush=True)
+    return 0
+
+  cases = [c for c in args.cases.split(',') if c]
+  unknown = sorted(set(cases) - set(CASES))
+  if unknown:
+    p.error(f'unknown cases {unknown}; choose from {CASES}')
+  sys.path.insert(0, REPO)
+  from jaxprompt.model import get_config
+  config = get_config(CONFIG_NAME)
+  env = child_env()
+  if args.malloc_hugetlb:
+    env['GLIBC_TUNABLES'] = ':'.join(
+        t for t in (env.get('GLIBC_TUNABLES', ''), 'glibc.malloc.hugetlb=1') if t)
+  jax_env = dict(env)
+  if args.xla_flags:
+    jax_env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
+  common = ['--steps', str(args.steps), '--warmup', str(args.warmup), '--dtype', args.dtype,
+            '--matmul-size', str(args.matmul_size), '--matmul-reps', str(args.matmul_reps)]
+  if not args.flush_denormal:
+    common.append('--no-flush-denormal')
+  if args.malloc_trim:
+    common.append('--malloc-trim')
+  load_start = os.getloadavg()
+  started = time.time()
+
+  with tempfile.TemporaryDirectory(prefix='jaxprompt_bench_') as tmp:
+    checkpoint = os.path.join(tmp, 't5_1_1_small_random')
+    common += ['--checkpoint', checkpoint]
+    print(f'writing random {CONFIG_NAME} weights to {checkpoint} ...', flush=True)
+    prep = run_child(['--child', 'prepare'] + common, env)
+    peaks = []
+    runs: dict[str, list[dict]] = {c: [] for c in cases}
+    for rnd in range(args.rounds):
+      print(f'round {rnd + 1}/{args.rounds}: float32 matmul peak ({args.matmul_size}^3) ...',
+            flush=True)
+      peaks.append(run_child(['--child', 'peak'] + common, env))
+      order = cases if rnd % 2 == 0 else cases[::-1]
+      for case in order:
+        extra = [] if (rnd == 0 and args.cost_analysis) else ['--no-cost-analysis']
+        r = run_child(['--child', case] + common + extra,
+                      jax_env if case.startswith('jax_') else env)
+        runs[case].append(r)
+        print(f"  {case}: median {statistics.median(r['step_times_s']):.2f} s/step, "
+              f"peak RSS {r['peak_rss_mb_process']:.0f} MB", flush=True)
+
+  peak = {k: max(q[k] for q in peaks) for k in
+          ('jax_matmul_flops_per_s', 'torch_matmul_flops_per_s', 'peak_flops_per_s')}
+  peak['matmul_size'] = args.matmul_size
+  peak['per_round'] = peaks
+  results = {}
+  for case in cases:
+    r = aggregate(runs[case])
+    mode = 'prompt' if case.endswith('_prompt') else 'model'
+    enc_len = TEXT_LEN + (PROMPT_LEN if mode == 'prompt' else 0)
+    flops = model_flops(config, BATCH, enc_len, TARGET_LEN, mode)
+    r.update(
+        dtype=args.dtype if case.startswith('jax_') else 'float32',
+        encoder_length=enc_len,
+        examples_per_s=BATCH / r['step_s_median'],
+        tokens_per_s=BATCH * (enc_len + TARGET_LEN) / r['step_s_median'],
+        model_flops=flops,
+        model_flops_per_s=flops / r['step_s_median'],
+        fraction_of_peak=flops / r['step_s_median'] / peak['peak_flops_per_s'],
+    )
+    results[case] = r
+  load_end = os.getloadavg()
+
+  print()
+  print(f'{CONFIG_NAME} ({prep["params"] / 1e6:.1f}M params), batch {BATCH}, {TEXT_LEN} text '
+        f'+ {PROMPT_LEN} prompt input tokens (prompt tuning), {TARGET_LEN} target tokens; '
+        f'{args.rounds} rounds x {args.steps} timed steps after {args.warmup} warm-up; '
+        f'torch flush-denormal {args.flush_denormal}; malloc hugetlb {args.malloc_hugetlb}; '
+        f'malloc_trim {args.malloc_trim}')
+  print(f"float32 matmul peak: {peak['peak_flops_per_s'] / 1e9:.0f} GFLOP/s "
+        f"(jax {peak['jax_matmul_flops_per_s'] / 1e9:.0f}, torch "
+        f"{peak['torch_matmul_flops_per_s'] / 1e9:.0f}); load average "
+        f"{load_start[0]:.1f} at start, {load_end[0]:.1f} at end on {os.cpu_count()} CPUs")
+  print(table(results))
+  pairs = [('jax_prompt', 'peft_prompt'), ('jax_model', 'torch_model')]
+  ratios = {}
+  for a, b in pairs:
+    if a in results and b in results:
+      ratios[f'{a}_vs_{b}'] = {
+          'throughput_ratio': results[b]['step_s_median'] / results[a]['step_s_median'],
+          'peak_rss_ratio': results[a]['peak_rss_mb_process'] / results[b]['peak_rss_mb_process'],
+          'loop_rss_ratio': results[a]['peak_rss_mb_train'] / results[b]['peak_rss_mb_train'],
+      }
+      q = ratios[f'{a}_vs_{b}']
+      print(f"{a} vs {b}: {q['throughput_ratio']:.2f}x throughput, "
+            f"{q['peak_rss_ratio']:.2f}x peak RSS ({q['loop_rss_ratio']:.2f}x in the loop)")
+  for name, r in results.items():
+    if 'xla_flops' in r:
+      print(f"{name}: XLA counts {r['xla_flops'] / 1e9:.1f} GFLOP per step (analytic matmul "
+            f"count {r['model_flops'] / 1e9:.1f}); XLA compile {r['compile_s']:.1f} s")
+
+  report = {
+      'time': time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(started)),
+      'wall_s': time.time() - started,
+      'machine': {'platform': platform.platform(), 'processor': platform.processor(),
+                  'cpus': os.cpu_count(), 'python': platform.python_version(),
+                  'loadavg_start': load_start, 'loadavg_end': load_end},
+      'config': CONFIG_NAME, 'params': prep['params'],
+      'batch': BATCH, 'text_tokens': TEXT_LEN, 'prompt_tokens': PROMPT_LEN,
+      'target_tokens': TARGET_LEN, 'steps': args.steps, 'warmup': args.warmup,
+      'rounds': args.rounds, 'jax_dtype': args.dtype, 'xla_flags': args.xla_flags,
+      'torch_flush_denormal': args.flush_denormal, 'malloc_hugetlb': args.malloc_hugetlb,
+      'malloc_trim': args.malloc_trim,
+      'peak': peak, 'results': results, 'ratios': ratios,
+  }
+  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+  with open(args.json, 'w') as f:
+    json.dump(report, f, indent=2)
+  print(f'wrote {args.json}')
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
