@@ -20,6 +20,11 @@ high-water mark) belongs to one framework alone. Two peaks are reported: the who
 (imports, checkpoint loading, compilation, warm-up, timed steps) and the training loop alone
 (the high-water mark is reset with /proc/self/clear_refs after warm-up). Warm-up steps are
 excluded from the throughput; the first step (jax: trace + compile + run) is reported apart.
+CPU time (user + sys) per step is reported too: on a shared machine it shows how many cores
+a framework actually got, and `sys` is mostly page faults on freshly allocated memory.
+
+Machine load moves while this runs, so each case runs `--rounds` times (default 2), odd rounds
+in reverse case order (A B B A), and the median over all timed steps is reported.
 
 FLOP/s: `model FLOPs` is an analytic count of the matmul work a step must do (forward; input
 gradients; weight gradients only for model tuning), the same number for both frameworks. The
@@ -27,9 +32,15 @@ machine's peak is measured in the same run: the best of a jitted 4096x4096 @ 409
 matmul in JAX and the same matmul in torch. XLA's own count for the compiled jaxprompt step
 (`cost_analysis()['flops']`) is reported next to it.
 
-  python benchmarks/train_step.py                      # all cases, float32
+Fairness: torch runs with `torch.set_flush_denormal(True)` (XLA:CPU flushes denormals to zero
+already; `--no-flush-denormal` turns it off), its default 2 intra-op threads, float32.
+`--malloc-hugetlb` (GLIBC_TUNABLES=glibc.malloc.hugetlb=1) and `--malloc-trim` (malloc_trim
+after loading and after warm-up) apply to both frameworks' children alike.
+
+  python benchmarks/train_step.py                      # all cases, float32, as shipped
+  python benchmarks/train_step.py --malloc-hugetlb --malloc-trim --json /tmp/tuned.json
   python benchmarks/train_step.py --dtype bfloat16     # jaxprompt activations in bfloat16
-  python benchmarks/train_step.py --cases jax_prompt,peft_prompt --steps 5
+  python benchmarks/train_step.py --cases jax_prompt,peft_prompt --rounds 1 --steps 3
 
 Writes a table to stdout and JSON to benchmarks/results/train_step.json (see --json).
 """
@@ -96,9 +107,9 @@ def make_batch(vocab_size: int, seed: int = 0):
   targets = rng.integers(2, vocab_size, (BATCH, TARGET_LEN), dtype=np.int32)
   targets[:, -1] = 1
   decoder_inputs = np.concatenate([np.zeros((BATCH, 1), np.int32), targets[:, :-1]], axis=1)
-  return dict(encoder_input_tokens=inputs, decoder_input_tokens=decoder_inputs,
-              decoder_target_tokens=targets,
-              decoder_loss_weights=(targets > 0).astype(np.float32))
+  return {'encoder_input_tokens': inputs, 'decoder_input_tokens': decoder_inputs,
+          'decoder_target_tokens': targets,
+          'decoder_loss_weights': (targets > 0).astype(np.float32)}
 
 
 def model_flops(cfg, batch: int, enc_len: int, dec_len: int, mode: str) -> float:
@@ -219,13 +230,12 @@ def _timed_loop(step, warmup: int, steps: int, trim: bool = False) -> dict:
 
 def child_jax(args, mode: str) -> dict:
   import jax
-  import jax.numpy as jnp
+
   from jaxprompt.checkpoints import load_t5
   from jaxprompt.prompts import init_prompt
   from jaxprompt.train.engine import build_engine
   from jaxprompt.train.optimizers import t5x_adafactor
-  from jaxprompt.train.steps import (LossConfig, make_train_step, model_tuning_inputs,
-                                     prompt_inputs)
+  from jaxprompt.train.steps import LossConfig, make_train_step, model_tuning_inputs, prompt_inputs
 
   base_mb = memory_mb()['rss']
   module, params = load_t5(args.checkpoint)
@@ -275,7 +285,6 @@ def child_jax(args, mode: str) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     out['xla_flops'] = float(cost.get('flops', float('nan'))) if cost else float('nan')
-  del jnp
   return out
 
 
@@ -336,7 +345,7 @@ def child_torch(args, mode: str) -> dict:
 
 
 def run_child(argv: list[str], env) -> dict:
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, env=env,
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, env=env, check=False,
                         capture_output=True, text=True)
   lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
   if proc.returncode != 0 or not lines:

@@ -28,11 +28,10 @@ torch = pytest.importorskip('torch')
 transformers = pytest.importorskip('transformers')
 peft = pytest.importorskip('peft')
 
-from jaxprompt.checkpoints import save_hf  # noqa: E402
-from jaxprompt.model import Transformer, loss_and_metrics  # noqa: E402
-from jaxprompt.prompts import get_prompt, prompt_tree  # noqa: E402
-from jaxprompt.train.steps import (LossConfig, init_state, make_train_step,  # noqa: E402
-                                   prompt_inputs)
+from jaxprompt.checkpoints import save_hf
+from jaxprompt.model import Transformer, loss_and_metrics
+from jaxprompt.prompts import get_prompt, prompt_tree
+from jaxprompt.train.steps import LossConfig, init_state, make_train_step, prompt_inputs
 
 pytestmark = [pytest.mark.torch,
               pytest.mark.filterwarnings('ignore:.*is_gradient_checkpointing:FutureWarning')]
@@ -169,10 +168,10 @@ def test_train_step_gradient_matches_peft(setup, reference):
   step = jax.jit(make_train_step(Transformer(CONFIG), prompt_inputs, tx,
                                  LossConfig(z_loss=0.0), dropout=False))
   trainable = prompt_tree(jnp.asarray(prompt))
-  batch = dict(encoder_input_tokens=jnp.asarray(ENCODER_TOKENS),
-               decoder_input_tokens=jnp.asarray(DECODER_INPUTS),
-               decoder_target_tokens=jnp.asarray(TARGETS),
-               decoder_loss_weights=jnp.asarray(VALID, jnp.float32))
+  batch = {'encoder_input_tokens': jnp.asarray(ENCODER_TOKENS),
+           'decoder_input_tokens': jnp.asarray(DECODER_INPUTS),
+           'decoder_target_tokens': jnp.asarray(TARGETS),
+           'decoder_loss_weights': jnp.asarray(VALID, jnp.float32)}
   state, metrics = step(init_state(trainable, tx), {'backbone': params}, batch,
                         jax.random.PRNGKey(0))
   assert not bool(metrics['nonfinite'])
