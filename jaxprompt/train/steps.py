@@ -92,14 +92,15 @@ def make_train_step(module: Transformer, model_inputs: ModelInputs,
     step_rng = jax.random.fold_in(rng, state.step)
     (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.trainable, frozen, batch, step_rng)
-    updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
     finite = jnp.isfinite(value) & jnp.all(jnp.array(
         [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
-    keep = lambda new, old: jax.tree_util.tree_map(  # noqa: E731
-        lambda n, o: jnp.where(finite, n, o), new, old)
-    new_state = TrainState(state.step + finite.astype(jnp.int32),
-                           keep(trainable, state.trainable), keep(opt_state, state.opt_state))
+
+    def apply(state):
+      updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+      return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
+
+    # A branch rather than a per-leaf select: the skipped update is never computed.
+    new_state = jax.lax.cond(finite, apply, lambda state: state, state)
     metrics = dict(metrics, nonfinite=~finite, grad_norm=optax.global_norm(grads))
     return new_state, metrics
 
