@@ -413,6 +413,9 @@ def main(argv=None) -> int:
   p.add_argument('--malloc-hugetlb', action='store_true',
                  help='run every child with GLIBC_TUNABLES=glibc.malloc.hugetlb=1 '
                       '(transparent huge pages for large mallocs)')
+  p.add_argument('--jax-system-malloc', action='store_true',
+                 help="run the jax children without the huge-page tunable that the `jaxprompt` "
+                      'command sets for itself (see jaxprompt/host.py)')
   p.add_argument('--malloc-trim', action='store_true',
                  help='every child calls malloc_trim(0) after loading the weights and after '
                       'the warm-up steps (returns freed heap, e.g. compiler memory, to the OS)')
@@ -447,6 +450,9 @@ def main(argv=None) -> int:
     env['GLIBC_TUNABLES'] = ':'.join(
         t for t in (env.get('GLIBC_TUNABLES', ''), 'glibc.malloc.hugetlb=1') if t)
   jax_env = dict(env)
+  if not args.jax_system_malloc:  # what the `jaxprompt` command does for itself (jaxprompt.host)
+    from jaxprompt import host
+    jax_env = host.huge_pages_env(jax_env) or jax_env
   if args.xla_flags:
     jax_env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
   common = ['--steps', str(args.steps), '--warmup', str(args.warmup), '--dtype', args.dtype,
@@ -504,7 +510,8 @@ def main(argv=None) -> int:
   print(f'{CONFIG_NAME} ({prep["params"] / 1e6:.1f}M params), batch {BATCH}, {TEXT_LEN} text '
         f'+ {PROMPT_LEN} prompt input tokens (prompt tuning), {TARGET_LEN} target tokens; '
         f'{args.rounds} rounds x {args.steps} timed steps after {args.warmup} warm-up; '
-        f'torch flush-denormal {args.flush_denormal}; malloc hugetlb {args.malloc_hugetlb}; '
+        f'torch flush-denormal {args.flush_denormal}; GLIBC_TUNABLES jax '
+        f'{jax_env.get("GLIBC_TUNABLES")}, torch {env.get("GLIBC_TUNABLES")}; '
         f'malloc_trim {args.malloc_trim}')
   print(f"float32 matmul peak: {peak['peak_flops_per_s'] / 1e9:.0f} GFLOP/s "
         f"(jax {peak['jax_matmul_flops_per_s'] / 1e9:.0f}, torch "
@@ -539,6 +546,7 @@ def main(argv=None) -> int:
       'target_tokens': TARGET_LEN, 'steps': args.steps, 'warmup': args.warmup,
       'rounds': args.rounds, 'jax_dtype': args.dtype, 'xla_flags': args.xla_flags,
       'torch_flush_denormal': args.flush_denormal, 'malloc_hugetlb': args.malloc_hugetlb,
+      'glibc_tunables': {'jax': jax_env.get('GLIBC_TUNABLES'), 'torch': env.get('GLIBC_TUNABLES')},
       'malloc_trim': args.malloc_trim,
       'peak': peak, 'results': results, 'ratios': ratios,
   }

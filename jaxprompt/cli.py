@@ -17,6 +17,8 @@ import os
 import sys
 from typing import Any, Sequence
 
+from jaxprompt import host
+
 # Flags that are shorthands for the run file's gin macros.
 MACRO_FLAGS = {
     'model_dir': 'MODEL_DIR', 'task': 'MIXTURE_OR_TASK_NAME', 'backbone': 'INITIAL_CHECKPOINT_PATH',
@@ -299,5 +301,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise
 
 
-if __name__ == '__main__':
+def entry() -> None:
+  """The `jaxprompt` console script: `main` in a process set up for XLA:CPU (`jaxprompt.host`)."""
+  host.reexec_with_huge_pages('jaxprompt.cli', sys.argv[1:])
   sys.exit(main())
+
+
+if __name__ == '__main__':
+  entry()

@@ -370,6 +370,7 @@ def load_t5(path: str, config: T5Config | str | None = None):
     CheckpointError: a one-line message naming the file and what to do.
   """
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxprompt import host as host_memory  # pylint: disable=g-import-not-at-top
   from jaxprompt.model import Transformer  # pylint: disable=g-import-not-at-top
 
   params, info = read_params(path)
@@ -384,19 +385,9 @@ def load_t5(path: str, config: T5Config | str | None = None):
   # One leaf at a time, each host copy dropped once on the device, then the freed heap
   # handed back: otherwise the read copy stays resident for the whole run.
   params = unflatten({p: jnp.asarray(host.pop(p)) for p in list(host)})
-  release_host_memory()
+  host_memory.release_host_memory()
   return Transformer(config), params
 
-
-def release_host_memory() -> None:
-  """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere."""
-  import ctypes  # pylint: disable=g-import-not-at-top
-  import gc  # pylint: disable=g-import-not-at-top
-  gc.collect()
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
 
 
 # The format modules use the helpers above, so they are imported last (none of them imports

@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from flax.linen import partitioning as nn_partitioning
 
+from jaxprompt.host import release_host_memory
 from jaxprompt.model import Transformer
 from jaxprompt.model.network import param_shapes, params_axes
 from jaxprompt.train import partitioning
@@ -90,9 +91,15 @@ def build_engine(module: Transformer, model_inputs: ModelInputs, tx: optax.Gradi
   train_jit = jax.jit(train, donate_argnums=(0,))
   eval_jit = jax.jit(evaluate)
 
+  compiled = []
+
   def train_step(state, frozen, batch, rng):
     with mesh, nn_partitioning.axis_rules(rules):
-      return train_jit(state, frozen, batch, rng)
+      out = train_jit(state, frozen, batch, rng)
+    if not compiled:  # the compiler's scratch memory is free now; keep it out of the loop's peak
+      compiled.append(True)
+      release_host_memory()
+    return out
 
   def eval_step(trainable, frozen, batch):
     with mesh, nn_partitioning.axis_rules(rules):
