@@ -141,6 +141,24 @@ def model_flops(cfg, batch: int, enc_len: int, dec_len: int, mode: str) -> float
   return forward + backward_inputs + backward_weights
 
 
+def cpu_identity() -> dict:
+  """The CPU model and its vector extensions: step times differ a lot between machines."""
+  info = {}
+  try:
+    with open('/proc/cpuinfo') as f:
+      for line in f:
+        key, _, value = line.partition(':')
+        key = key.strip()
+        if key in ('model name', 'cpu family', 'model', 'flags') and key not in info:
+          info[key] = value.strip()
+  except OSError:
+    return {}
+  flags = set(info.pop('flags', '').split())
+  info['vector'] = sorted(f for f in flags if f.startswith(('avx512f', 'avx512_bf16', 'avx2',
+                                                           'amx')))
+  return info
+
+
 def child_env() -> dict[str, str]:
   env = dict(os.environ)
   env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -539,7 +557,8 @@ def main(argv=None) -> int:
       'time': time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(started)),
       'wall_s': time.time() - started,
       'machine': {'platform': platform.platform(), 'processor': platform.processor(),
-                  'cpus': os.cpu_count(), 'python': platform.python_version(),
+                  'cpus': os.cpu_count(), 'cpu': cpu_identity(),
+                  'python': platform.python_version(),
                   'loadavg_start': load_start, 'loadavg_end': load_end},
       'config': CONFIG_NAME, 'params': prep['params'],
       'batch': BATCH, 'text_tokens': TEXT_LEN, 'prompt_tokens': PROMPT_LEN,
