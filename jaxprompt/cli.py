@@ -218,7 +218,8 @@ def _lab_command(args) -> int:
     path = backbone.build(steps=args.steps, force=args.force)
     print(f'lab backbone: {path}')
   else:
-    report.main(out=args.out, steps=args.steps)
+    tasks = args.tasks.split(',') if args.tasks else report.DEFAULT_TASKS
+    report.main(out=args.out, steps=args.steps, tasks=tasks)
   return 0
 
 
@@ -271,7 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument('--force', action='store_true')
   r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab')
   r.add_argument('--out', default=None)
-  r.add_argument('--steps', type=int, default=None)
+  r.add_argument('--steps', type=int, default=None,
+                 help='prompt- and model-tuning steps per target (default 1000)')
+  r.add_argument('--tasks', default=None, help='comma-separated lab targets (default: 8)')
   return parser
 
 
