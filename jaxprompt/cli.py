@@ -284,6 +284,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   rest, files, bindings = _split_gin_args(argv)
   parser = build_parser()
   args = parser.parse_args(rest)
+  if args.command != 'info':  # the others read data through seqio, which loads TensorFlow
+    host.import_quietly('tensorflow')
   if (files or bindings) and args.command != 'tune':
     return _fail('--gin_file / --gin.NAME apply to `jaxprompt tune` only')
   try:

@@ -10,9 +10,11 @@ re-execute themselves once with it set (see `benchmarks/README.md` for the measu
 
 from __future__ import annotations
 
+import importlib
 import os
 import platform
 import sys
+import tempfile
 from typing import Sequence
 
 HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
@@ -54,3 +56,27 @@ def release_host_memory() -> None:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):
     pass
+
+
+def import_quietly(module: str) -> None:
+  """Imports `module` with file descriptor 2 muted; what it printed is shown if it fails.
+
+  TensorFlow 2.21 prints absl INFO lines (oneDNN, "could not find cuda drivers") while its
+  native libraries load, before any log level it honours is applied.
+  """
+  if module in sys.modules:
+    return
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    failed = True
+    try:
+      importlib.import_module(module)
+      failed = False
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      if failed:
+        captured.seek(0)
+        sys.stderr.write(captured.read().decode(errors='replace'))

@@ -49,3 +49,20 @@ def test_console_entry_reexecutes_once_and_keeps_exit_code_and_output(tmp_path):
        'host.reexec_with_huge_pages("probe_env", ["a b", "--c"]); print("not replaced")'],
       env=env, capture_output=True, text=True, timeout=60)
   assert out3.stdout.strip() == f'{host.HUGE_PAGES_TUNABLE} a b --c', out3.stderr
+
+
+def test_import_quietly_mutes_native_noise_and_replays_it_on_failure(tmp_path, monkeypatch,
+                                                                     capfd):
+  # Writes straight to file descriptor 2, as native libraries do while they load.
+  (tmp_path / 'noisy_ok.py').write_text("import os\nos.write(2, b'loader noise\\n')\n")
+  (tmp_path / 'noisy_bad.py').write_text(
+      "import os\nos.write(2, b'why it broke\\n')\nraise ImportError('broken')\n")
+  monkeypatch.syspath_prepend(str(tmp_path))
+  host.import_quietly('noisy_ok')
+  assert 'noisy_ok' in sys.modules
+  assert 'loader noise' not in capfd.readouterr().err
+  with pytest.raises(ImportError, match='broken'):
+    host.import_quietly('noisy_bad')
+  assert 'why it broke' in capfd.readouterr().err
+  os.write(2, b'stderr works again\n')
+  assert 'stderr works again' in capfd.readouterr().err

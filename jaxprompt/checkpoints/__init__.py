@@ -389,7 +389,6 @@ def load_t5(path: str, config: T5Config | str | None = None):
   return Transformer(config), params
 
 
-
 # The format modules use the helpers above, so they are imported last (none of them imports
 # tensorstore, orbax or safetensors before it is used).
 from jaxprompt.checkpoints import hf, t5x_legacy, t5x_orbax  # noqa: E402
