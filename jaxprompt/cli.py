@@ -219,7 +219,7 @@ def _lab_command(args) -> int:
     print(f'lab backbone: {path}')
   else:
     tasks = args.tasks.split(',') if args.tasks else report.DEFAULT_TASKS
-    report.main(out=args.out, steps=args.steps, tasks=tasks)
+    report.main(out=args.out, steps=args.steps, tasks=tasks, overwrite=args.overwrite)
   return 0
 
 
@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument('--steps', type=int, default=None)
   b.add_argument('--force', action='store_true')
   r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab')
-  r.add_argument('--out', default=None)
+  r.add_argument('--out', default=None, help='JSON file to write (default lab_report.json)')
+  r.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
   r.add_argument('--steps', type=int, default=None,
                  help='prompt- and model-tuning steps per target (default 1000)')
   r.add_argument('--tasks', default=None, help='comma-separated lab targets (default: 8)')

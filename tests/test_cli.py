@@ -148,3 +148,16 @@ def test_prompt_ensemble_votes(tiny_setup):
     assert pa != pb
     assert predict(np.stack([a, a, b]), True, mode) == pa
     assert predict(np.stack([b, b, a]), True, mode) == pb
+
+
+def test_lab_report_refuses_unknown_targets_and_an_existing_report(tmp_path, capsys):
+  # Both are checked before the backbone is built or anything is trained.
+  assert cli.main(['lab', 'report', '--tasks', 'has_green,has_red']) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and 'has_red' in err and 'has_dog' in err
+  report = tmp_path / 'report.json'
+  report.write_text('{"earlier": "results"}')
+  assert cli.main(['lab', 'report', '--out', str(report)]) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and '--overwrite' in err
+  assert report.read_text() == '{"earlier": "results"}'

@@ -73,13 +73,16 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(out: str | None = None, steps: int | None = None, tasks=DEFAULT_TASKS,
-         prompt_length: int = 10) -> list[dict]:
+         prompt_length: int = 10, overwrite: bool = False) -> list[dict]:
   from jaxprompt.lab import TARGET_TASKS, backbone
   from jaxprompt.lab.tasks import register_lab_tasks
   unknown = [t for t in tasks if t not in TARGET_TASKS]
   if unknown:
     raise ValueError(f'--tasks: {", ".join(unknown)} not lab targets; choose from '
                      f'{", ".join(TARGET_TASKS)}')
+  out = out or 'lab_report.json'
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f'{out} exists; pass --overwrite or choose another --out')
   steps = steps or DEFAULT_STEPS
   ckpt = backbone.build()
   register_lab_tasks()
@@ -93,7 +96,6 @@ def main(out: str | None = None, steps: int | None = None, tasks=DEFAULT_TASKS,
       print(json.dumps(rows[-1]), flush=True)
   table = format_table(rows)
   print(table)
-  out = out or 'lab_report.json'
   with open(out, 'w') as f:
     json.dump({'backbone': ckpt, 'steps': steps, 'prompt_length': prompt_length,
                'source_scores': sources, 'targets': rows}, f, indent=1)
