@@ -30,12 +30,44 @@ BATCH_SIZE = 64
 # frozen backbone uses T5X's Adafactor as the paper does.
 LEARNING_RATE = 3e-3
 
+# A preset is everything that shapes a backbone besides the seed: model size, pretraining
+# steps, batch, peak learning rate, warm-up, the target length the mixture is trained at and the
+# mixture's rate per source skill (missing skills: rate 1). All of it goes into the cache digest.
+# Measurements behind each choice: the configurations table in jaxprompt/lab/README.md.
+PRESETS: dict[str, dict] = {
+    # The demo's backbone (`jaxprompt tune` with no arguments): 1.35 min on 2 Zen 5 cores.
+    'demo': dict(steps=BUILD_STEPS, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
+                 warmup=200, emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256, layers=3,
+                 rates={}, targets_length=None),
+}
+DEFAULT_PRESET = 'demo'
 
-def lab_config(vocab_size: int) -> T5Config:
-  """~1.2M parameters: d 128, 4 heads of 32, mlp 256, 3 + 3 layers, gated-gelu, untied."""
+
+def preset_config(preset: str | dict | None = None, steps: int | None = None) -> dict:
+  """The full settings of a preset (a name of `PRESETS` or a dict overriding 'demo')."""
+  if preset is None:
+    preset = DEFAULT_PRESET
+  if isinstance(preset, str):
+    if preset not in PRESETS:
+      raise ValueError(f'unknown lab backbone preset {preset!r}; choose from {", ".join(PRESETS)}')
+    cfg = dict(PRESETS['demo'], **PRESETS[preset], name=preset)
+  else:
+    cfg = dict(PRESETS['demo'], **preset)
+    cfg.setdefault('name', 'custom')
+  cfg['rates'] = dict(sorted(dict(cfg.get('rates') or {}).items()))
+  if steps:
+    cfg['steps'] = int(steps)
+  return cfg
+
+
+def lab_config(vocab_size: int, preset: str | dict | None = None) -> T5Config:
+  """The T5.1.1 config of a preset; 'demo': ~1.2M parameters, d 128, 4 heads of 32, mlp 256,
+  3 + 3 layers, gated-gelu, untied."""
+  p = preset_config(preset)
   padded = -(-vocab_size // 8) * 8
-  return T5Config(vocab_size=padded, emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256,
-                  num_encoder_layers=3, num_decoder_layers=3, dropout_rate=0.0,
+  return T5Config(vocab_size=padded, emb_dim=p['emb_dim'], num_heads=p['num_heads'],
+                  head_dim=p['head_dim'], mlp_dim=p['mlp_dim'], num_encoder_layers=p['layers'],
+                  num_decoder_layers=p['layers'], dropout_rate=0.0,
                   mlp_activations=('gelu', 'linear'), logits_via_embedding=False)
 
 
@@ -44,14 +76,27 @@ def _cache_dir(cache_dir: str | None) -> str:
   return cache_dir or default_cache_dir()
 
 
-def backbone_dir(steps: int = BUILD_STEPS, seed: int = 0, cache_dir: str | None = None) -> str:
-  """Where the backbone of these settings lives (a digest of everything that shapes it)."""
+def _digest_key(p: dict, seed: int) -> dict:
+  """What the cache digest covers. The 'demo' preset keeps the key it had before presets."""
   from jaxprompt.lab.tasks import vocabulary_digest
   from jaxprompt import __version__
-  key = json.dumps(dict(steps=steps, seed=seed, batch=BATCH_SIZE, lr=LEARNING_RATE, opt='adamw',
-                        vocab=vocabulary_digest(), version=__version__), sort_keys=True)
+  key = dict(steps=p['steps'], seed=seed, batch=p['batch_size'], lr=p['learning_rate'],
+             opt='adamw', vocab=vocabulary_digest(), version=__version__)
+  rest = {k: v for k, v in p.items() if k not in ('steps', 'batch_size', 'learning_rate', 'name')}
+  if rest != {k: v for k, v in preset_config('demo').items()
+              if k not in ('steps', 'batch_size', 'learning_rate', 'name')}:
+    key['preset'] = rest
+  return key
+
+
+def backbone_dir(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
+                 preset: str | dict | None = None) -> str:
+  """Where the backbone of these settings lives (a digest of everything that shapes it)."""
+  p = preset_config(preset, steps)
+  key = json.dumps(_digest_key(p, seed), sort_keys=True)
   digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-  return os.path.join(_cache_dir(cache_dir), f'backbone_{steps}steps_seed{seed}_{digest}')
+  name = '' if p['name'] == 'demo' else f'{p["name"]}_'
+  return os.path.join(_cache_dir(cache_dir), f'backbone_{name}{p["steps"]}steps_seed{seed}_{digest}')
 
 
 def checkpoint_path(directory: str, steps: int) -> str:
@@ -59,31 +104,47 @@ def checkpoint_path(directory: str, steps: int) -> str:
 
 
 def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
-          force: bool = False, progress: bool = True) -> str:
-  """Trains (or reuses) the lab backbone and returns its checkpoint path."""
+          force: bool = False, progress: bool = True, preset: str | dict | None = None) -> str:
+  """Trains (or reuses) the lab backbone of `preset` and returns its checkpoint path.
+
+  Args:
+    steps: pretraining steps; the preset's when None.
+    seed: initialisation and data-order seed.
+    cache_dir: `$JAXPROMPT_CACHE/lab` when None.
+    force: rebuild even when cached.
+    progress: show a progress bar.
+    preset: a name of `PRESETS` ('demo' by default) or a dict of settings overriding 'demo'.
+  """
   from jaxprompt.checkpoints import save_t5x_orbax
-  from jaxprompt.lab.tasks import (SEQUENCE_LENGTH, SOURCES_MIXTURE, lab_vocabulary_path,
-                                   register_lab_tasks)
+  from jaxprompt.lab.tasks import (SEQUENCE_LENGTH, lab_vocabulary_path, register_lab_tasks,
+                                   register_sources_mixture)
   from jaxprompt.tuning import tune
-  steps = steps or BUILD_STEPS
-  out = backbone_dir(steps, seed, cache_dir)
+  p = preset_config(preset, steps)
+  steps = p['steps']
+  out = backbone_dir(steps, seed, cache_dir, p)
   ckpt = checkpoint_path(out, steps)
   if os.path.exists(os.path.join(out, 'manifest.json')) and not force:
     return ckpt
   vocab = register_lab_tasks(cache_dir=cache_dir, seed=seed)
-  cfg = lab_config(vocab.vocab_size)
+  mixture = register_sources_mixture(p['rates'])
+  cfg = lab_config(vocab.vocab_size, p)
   module = Transformer(cfg)
   params = init_params(cfg, seed)
   n_params = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(params))
-  print(f'lab: pretraining a {n_params / 1e6:.2f}M-parameter T5.1.1-shaped backbone on '
-        f'{SOURCES_MIXTURE} for {steps} steps (first use only; cached in {out})', file=sys.stderr)
+  print(f'lab: pretraining a {n_params / 1e6:.2f}M-parameter T5.1.1-shaped backbone '
+        f'(preset {p["name"]}) on {mixture} for {steps} steps of batch {p["batch_size"]} '
+        f'(first use only; cached in {out})', file=sys.stderr)
   start = time.time()
   work = tempfile.mkdtemp(prefix='jaxprompt_lab_build_')
-  schedule = optax.warmup_cosine_decay_schedule(0.0, LEARNING_RATE, min(200, steps // 10), steps,
-                                                LEARNING_RATE * 0.1)
-  result = tune(SOURCES_MIXTURE, backbone=(module, params), model_dir=os.path.join(work, 'run'),
-                method='model_tuning', train_steps=steps, batch_size=BATCH_SIZE,
-                feature_lengths=SEQUENCE_LENGTH, eval_period=steps, log_period=50, seed=seed,
+  lr = p['learning_rate']
+  schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(p['warmup'], steps // 10), steps,
+                                                lr * 0.1)
+  lengths = dict(SEQUENCE_LENGTH)
+  if p['targets_length']:
+    lengths['targets'] = p['targets_length']
+  result = tune(mixture, backbone=(module, params), model_dir=os.path.join(work, 'run'),
+                method='model_tuning', train_steps=steps, batch_size=p['batch_size'],
+                feature_lengths=lengths, eval_period=steps, log_period=50, seed=seed,
                 max_eval_examples=64, progress=progress, keep_checkpoints=1,
                 optimizer=optax.adamw(schedule, weight_decay=0.0))
   minutes = (time.time() - start) / 60
@@ -94,10 +155,10 @@ def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
   with open(os.path.join(tmp_out, 'config.json'), 'w') as f:
     json.dump({'t5x_T5Config': cfg.to_dict()}, f, indent=1)
   shutil.copy(lab_vocabulary_path(cache_dir), os.path.join(tmp_out, 'vocabulary.model'))
-  manifest = dict(kind='jaxprompt lab backbone', steps=steps, seed=seed, batch_size=BATCH_SIZE,
-                  optimizer='adamw, warm-up + cosine', learning_rate=LEARNING_RATE,
-                  parameters=n_params, minutes=round(minutes, 2),
-                  mixture=SOURCES_MIXTURE, vocabulary=os.path.basename(lab_vocabulary_path(
+  manifest = dict(kind='jaxprompt lab backbone', preset=p['name'], settings=p, steps=steps,
+                  seed=seed, batch_size=p['batch_size'], optimizer='adamw, warm-up + cosine',
+                  learning_rate=lr, parameters=n_params, minutes=round(minutes, 2),
+                  mixture=mixture, vocabulary=os.path.basename(lab_vocabulary_path(
                       cache_dir)), t5_config=cfg.to_dict())
   with open(os.path.join(tmp_out, 'manifest.json'), 'w') as f:
     json.dump(manifest, f, indent=1)
@@ -108,8 +169,9 @@ def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
   return ckpt
 
 
-def source_accuracy(checkpoint: str, max_examples: int = 200) -> dict[str, float]:
-  """Validation score of the backbone on every source task, asked with its prefix."""
+def source_accuracy(checkpoint: str, max_examples: int = 200,
+                    tasks=None) -> dict[str, float]:
+  """Validation score of the backbone on every source task (or `tasks`), asked with its prefix."""
   from jaxprompt.evaluate import evaluate
   from jaxprompt.lab import SOURCE_TASKS
   from jaxprompt.lab.tasks import SEQUENCE_LENGTH, register_lab_tasks, seqio_name
@@ -117,7 +179,7 @@ def source_accuracy(checkpoint: str, max_examples: int = 200) -> dict[str, float
   register_lab_tasks()
   backbone = load_backbone(checkpoint)[:2]
   scores = {}
-  for task in SOURCE_TASKS:
+  for task in tasks or SOURCE_TASKS:
     metrics = evaluate(seqio_name(task, prefixed=True), backbone=backbone, split='validation',
                        feature_lengths=SEQUENCE_LENGTH, max_examples=max_examples, batch_size=100)
     scores[task] = next(v for k, v in metrics.items() if k not in ('loss_per_token',

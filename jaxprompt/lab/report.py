@@ -63,6 +63,111 @@ def measure_task(task: str, ckpt: str, steps: int, prompt_length: int, work: str
   return row
 
 
+# The source skills that have a target counterpart (the goal of issue 15), and for each target
+# the related source whose prompt initialises it in `measure_transfer`.
+GOAL_SKILLS = ('membership', 'count', 'compare', 'extreme', 'position', 'filter')
+TRANSFER_PAIRS = {
+    'has_green': 'has_red',
+    'count_numbers': 'count_colours',
+    'more_numbers_than_colours': 'more_colours_than_animals',
+    'minority': 'majority',
+    'second_word': 'first_word',
+    'filter_numbers': 'filter_colours',
+}
+SOURCE_STEPS = 600
+TRANSFER_STEPS = 400
+
+
+def goal_sources() -> tuple[str, ...]:
+  """The source tasks whose skill has a target counterpart (`GOAL_SKILLS`)."""
+  from jaxprompt.lab import SOURCE_TASKS, get_task
+  return tuple(t for t in SOURCE_TASKS if get_task(t).skill in GOAL_SKILLS)
+
+
+def _tune_prompt(name: str, ckpt, model_dir: str, steps: int, prompt_length: int, seed: int,
+                 **init) -> dict:
+  from jaxprompt.lab.tasks import SEQUENCE_LENGTH
+  from jaxprompt.tuning import tune
+  start = time.time()
+  r = tune(name, backbone=ckpt, model_dir=model_dir, prompt_length=prompt_length,
+           train_steps=steps, batch_size=32, feature_lengths=SEQUENCE_LENGTH, eval_period=50,
+           seed=seed, progress=False, **init)
+  return dict(best=round(float(r.best_metrics['score']), 2), best_step=r.best_step,
+              initial=round(float(r.initial_metrics['score']), 2),
+              final=round(float(r.final_metrics['score']), 2),
+              prompt=r.best_prompt_path, minutes=round((time.time() - start) / 60, 2))
+
+
+def measure_sources(ckpt: str, work: str, tasks=None, steps: int = SOURCE_STEPS,
+                    prompt_length: int = 10, seed: int = 0) -> dict[str, dict]:
+  """How well the backbone knows each source, with its prefix and through a tuned prompt.
+
+  For each source task (default: `goal_sources()`): the backbone's validation score asked with
+  the task prefix (`prefixed`), and the best validation score of a `prompt_length`-token prompt
+  tuned `steps` steps (batch 32, class-label init, T5X Adafactor lr 0.3, a validation check every
+  50 steps) on the task without prefix (`prompt`), and their ratio. The prompts are kept in
+  `work/<task>_src/prompt_best.safetensors` (`prompt_path`) for `measure_transfer`.
+
+  Returns:
+    {task: {'prefixed', 'prompt', 'ratio', 'prompt_path', 'minutes', ...}}.
+  """
+  from jaxprompt.lab import backbone
+  from jaxprompt.lab.tasks import register_lab_tasks, seqio_name
+  from jaxprompt.tuning import load_backbone
+  register_lab_tasks()
+  tasks = tuple(tasks or goal_sources())
+  prefixed = backbone.source_accuracy(ckpt, tasks=tasks)
+  module, params, _ = load_backbone(ckpt)
+  out = {}
+  for task in tasks:
+    r = _tune_prompt(seqio_name(task), (module, params), os.path.join(work, f'{task}_src'), steps,
+                     prompt_length, seed, prompt_init='class_labels')
+    out[task] = dict(prefixed=round(float(prefixed[task]), 2), prompt=r['best'],
+                     ratio=round(r['best'] / max(prefixed[task], 1e-9), 3),
+                     prompt_path=r['prompt'], best_step=r['best_step'], minutes=r['minutes'])
+    print(json.dumps({task: out[task]}), flush=True)
+  return out
+
+
+def measure_transfer(ckpt: str, work: str, pairs=None, source_prompts=None,
+                     steps: int = TRANSFER_STEPS, source_steps: int = SOURCE_STEPS,
+                     prompt_length: int = 10, seed: int = 0) -> dict[str, dict]:
+  """SPoT on the lab: a related source's prompt as the initialisation of a target's prompt.
+
+  For each `target: source` of `pairs` (default `TRANSFER_PAIRS`), tunes a prompt on the target
+  for `steps` steps twice with the same seed, data and schedule (batch 32, a validation check
+  every 50 steps): from class-label init and from the source's tuned prompt
+  (`prompt_init='file'`). Source prompts come from `source_prompts` ({source: path}, e.g. the
+  `prompt_path`s of `measure_sources`) or are tuned here (`source_steps` steps).
+
+  Returns:
+    {target: {'source', 'class_labels': {'initial', 'best', 'best_step', ...},
+              'transfer': {...}, 'gain': transfer best - class-label best}}.
+  """
+  from jaxprompt.lab.tasks import register_lab_tasks, seqio_name
+  from jaxprompt.tuning import load_backbone
+  register_lab_tasks()
+  pairs = dict(pairs or TRANSFER_PAIRS)
+  source_prompts = dict(source_prompts or {})
+  module, params, _ = load_backbone(ckpt)
+  bb = (module, params)
+  out = {}
+  for target, source in pairs.items():
+    if source not in source_prompts:
+      r = _tune_prompt(seqio_name(source), bb, os.path.join(work, f'{source}_src'), source_steps,
+                       prompt_length, seed, prompt_init='class_labels')
+      source_prompts[source] = r['prompt']
+    base = _tune_prompt(seqio_name(target), bb, os.path.join(work, f'{target}_cl'), steps,
+                        prompt_length, seed, prompt_init='class_labels')
+    spot = _tune_prompt(seqio_name(target), bb, os.path.join(work, f'{target}_from_{source}'),
+                        steps, prompt_length, seed, prompt_init='file',
+                        prompt_init_file=source_prompts[source])
+    out[target] = dict(source=source, class_labels=base, transfer=spot,
+                       gain=round(spot['best'] - base['best'], 2))
+    print(json.dumps({target: out[target]}), flush=True)
+  return out
+
+
 def format_table(rows: list[dict]) -> str:
   cols = ('task', 'no_prompt', 'random_prompt', 'prompt_tuning', 'model_tuning', 'pt_over_mt')
   lines = ['| ' + ' | '.join(cols) + ' |', '|' + '---|' * len(cols)]

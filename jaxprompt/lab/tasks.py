@@ -298,3 +298,33 @@ def register_lab_tasks(cache_dir: Optional[str] = None, seed: int = 0,
       default_rate=1.0)
   _REGISTERED.update(key=key, vocab=vocab)
   return vocab
+
+
+def source_rates(rates: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
+  """The mixture rate of every source task: `rates[task]`, else `rates[skill]`, else 1."""
+  rates = dict(rates or {})
+  unknown = [k for k in rates if k not in world.TASKS and k not in world.SKILL_PARTS]
+  if unknown:
+    raise ValueError(f'mixture rates for unknown tasks or skills: {", ".join(unknown)}')
+  out = {}
+  for t in world.SOURCE_TASKS:
+    out[t] = float(rates.get(t, rates.get(world.TASKS[t].skill, 1.0)))
+  return out
+
+
+def register_sources_mixture(rates: Optional[Mapping[str, float]] = None) -> str:
+  """Registers the prefixed source tasks as a mixture with `source_rates(rates)`; its name.
+
+  Without rates (or all rates 1) this is `lab_sources`; otherwise `lab_sources_<digest>`, a
+  digest of the rates. A task at rate 0 is left out. Call `register_lab_tasks` first.
+  """
+  per_task = source_rates(rates)
+  if all(r == 1.0 for r in per_task.values()):
+    return SOURCES_MIXTURE
+  text = repr(sorted(per_task.items()))
+  name = f'{SOURCES_MIXTURE}_{hashlib.blake2b(text.encode(), digest_size=4).hexdigest()}'
+  seqio.MixtureRegistry.remove(name)
+  seqio.MixtureRegistry.add(
+      name, [(seqio_name(t, prefixed=True), r) for t, r in per_task.items() if r > 0])
+  return name
+

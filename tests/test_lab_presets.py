@@ -1,0 +1,86 @@
+"""Lab backbone presets, weighted source mixtures and the issue-15 measurement plan."""
+
+import hashlib
+import json
+import os
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from jaxprompt.lab import backbone, report, world  # pylint: disable=g-import-not-at-top
+
+
+def test_demo_preset_keeps_the_cache_key_it_had_before_presets(tmp_path):
+  from jaxprompt import __version__
+  from jaxprompt.lab.tasks import vocabulary_digest
+  key = json.dumps(dict(steps=1200, seed=0, batch=64, lr=3e-3, opt='adamw',
+                        vocab=vocabulary_digest(), version=__version__), sort_keys=True)
+  digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+  expected = os.path.join(str(tmp_path), f'backbone_1200steps_seed0_{digest}')
+  assert backbone.backbone_dir(cache_dir=str(tmp_path)) == expected
+  assert backbone.backbone_dir(cache_dir=str(tmp_path), preset='demo') == expected
+
+
+def test_presets_have_distinct_cache_dirs_named_after_them(tmp_path):
+  dirs = {name: backbone.backbone_dir(cache_dir=str(tmp_path), preset=name)
+          for name in backbone.PRESETS}
+  assert len(set(dirs.values())) == len(dirs)
+  for name, path in dirs.items():
+    if name != 'demo':
+      assert os.path.basename(path).startswith(f'backbone_{name}_')
+  # Any setting changes the digest, and the seed does too.
+  base = backbone.backbone_dir(cache_dir=str(tmp_path), preset={'rates': {'count': 2}})
+  assert base != backbone.backbone_dir(cache_dir=str(tmp_path), preset={'rates': {'count': 3}})
+  assert base != backbone.backbone_dir(cache_dir=str(tmp_path), seed=1,
+                                       preset={'rates': {'count': 2}})
+
+
+def test_unknown_preset_is_refused():
+  with pytest.raises(ValueError, match='preset'):
+    backbone.preset_config('nope')
+
+
+def test_preset_configs_are_t5_configs():
+  for name in backbone.PRESETS:
+    cfg = backbone.lab_config(56, name)
+    p = backbone.preset_config(name)
+    assert cfg.emb_dim == p['emb_dim'] and cfg.num_encoder_layers == p['layers']
+    assert cfg.vocab_size == 56
+
+
+def test_source_rates_by_skill_and_task():
+  from jaxprompt.lab import tasks
+  rates = tasks.source_rates({'count': 2, 'count_animals': 3, 'order': 0})
+  assert set(rates) == set(world.SOURCE_TASKS)
+  assert rates['count_colours'] == 2 and rates['count_animals'] == 3
+  assert rates['copy'] == 0 and rates['has_red'] == 1
+  with pytest.raises(ValueError, match='unknown'):
+    tasks.source_rates({'counting': 2})
+
+
+def test_weighted_sources_mixture():
+  import seqio
+  from jaxprompt.lab import tasks
+  tasks.register_lab_tasks()
+  assert tasks.register_sources_mixture({}) == tasks.SOURCES_MIXTURE
+  assert tasks.register_sources_mixture({'count': 1.0}) == tasks.SOURCES_MIXTURE
+  name = tasks.register_sources_mixture({'count': 2, 'order': 0})
+  assert name.startswith(tasks.SOURCES_MIXTURE + '_')
+  mixture = seqio.get_mixture_or_task(name)
+  names = {t.name for t in mixture.tasks}
+  assert tasks.seqio_name('copy', prefixed=True) not in names
+  assert len(names) == len(world.SOURCE_TASKS) - 2
+  count = mixture.get_rate(seqio.get_mixture_or_task(tasks.seqio_name('count_colours', True)))
+  member = mixture.get_rate(seqio.get_mixture_or_task(tasks.seqio_name('has_red', True)))
+  assert count == 2 * member
+  assert tasks.register_sources_mixture({'count': 2, 'order': 0}) == name  # idempotent
+
+
+def test_transfer_plan_pairs_targets_with_same_skill_sources():
+  goal = report.goal_sources()
+  assert {world.TASKS[t].skill for t in goal} == set(report.GOAL_SKILLS)
+  assert all(world.TASKS[t].role == 'source' for t in goal)
+  for target, source in report.TRANSFER_PAIRS.items():
+    assert world.TASKS[target].role == 'target' and source in goal
+    assert world.relatedness(target, source) == 1.0
