@@ -4,7 +4,8 @@ A prompt file holds the tensor `prompt` ([P, d], or [n, P, d] for a stack), opti
 `token_mask` [P] / `piece_mask` [P, k] (XPrompt), and metadata: length, width, the
 backbone it was trained for, task, step, metrics, init and the jaxprompt version.
 `.npy` files in google-research/prompt-tuning's convention (a bare [P, d] array) are
-read too, with `allow_pickle=False`.
+read too, with `allow_pickle=False`, and so are Hugging Face PEFT prompt-tuning adapter
+directories (`jaxprompt.checkpoints.peft`).
 """
 
 from __future__ import annotations
@@ -83,9 +84,17 @@ def _jsonable(x):
 
 
 def read_prompt(path: str) -> PromptFile:
-  """Reads a `.safetensors` prompt file or a `.npy` prompt; errors name the file and the fix."""
+  """Reads a `.safetensors` prompt file, a `.npy` prompt, or a Hugging Face PEFT prompt-tuning
+  adapter directory (`adapter_config.json` + `adapter_model.safetensors`); errors name the file
+  and the fix."""
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such prompt file')
+  if os.path.isdir(path):
+    if not os.path.isfile(os.path.join(path, 'adapter_config.json')):
+      raise ValueError(f'{path}: a directory without adapter_config.json; pass a .safetensors or '
+                       '.npy prompt file, or a PEFT prompt-tuning adapter directory')
+    from jaxprompt.checkpoints.peft import read_peft_prompt  # pylint: disable=g-import-not-at-top
+    return read_peft_prompt(path)
   if path.endswith('.npy'):
     try:
       value = np.load(path, allow_pickle=False)
