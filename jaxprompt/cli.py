@@ -12,23 +12,32 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import json
 import os
+import re
 import sys
 from typing import Any, Sequence
 
 from jaxprompt import host
 
-# Flags that are shorthands for the run file's gin macros.
+# Flags that set a gin macro of the run files (T5X conventions); every other RunConfig field
+# (and every registered method's own option) is a flag --NAME that binds `tune.NAME`.
 MACRO_FLAGS = {
     'model_dir': 'MODEL_DIR', 'task': 'MIXTURE_OR_TASK_NAME', 'backbone': 'INITIAL_CHECKPOINT_PATH',
     'steps': 'TRAIN_STEPS', 'batch_size': 'BATCH_SIZE', 'prompt_length': 'PROMPT_LENGTH',
     'eval_period': 'EVAL_PERIOD', 'learning_rate': 'LEARNING_RATE', 'vocabulary': 'VOCABULARY',
     'num_partitions': 'NUM_PARTITIONS', 'seed': 'SEED', 'dropout_rate': 'DROPOUT_RATE',
 }
-# Flags that bind an argument of `tune` directly.
-TUNE_FLAGS = ('prompt_init', 'config', 'method', 'patience', 'eval_mode', 'max_eval_examples',
-              'prompt_position')
+MACRO_HELP = {'model_dir': 'the run directory (written; resumed with --resume)',
+              'task': 'seqio task or mixture (e.g. lab_has_dog, jaxprompt_super_glue_rte)',
+              'backbone': "T5X / HF checkpoint, or 'lab' for the lab's backbone",
+              'steps': 'training steps', 'vocabulary': 'SentencePiece model (default: T5\'s)'}
+# Flags (not RunConfig fields) that shape the command itself.
+NOT_TUNE = ('feature_lengths', 'train_steps', 'resume', 'progress')
+REQUIRED_FLAGS = {'MODEL_DIR': '--model_dir', 'MIXTURE_OR_TASK_NAME': '--task',
+                  'INITIAL_CHECKPOINT_PATH': '--backbone'}
 
 
 class UsageError(ValueError):
@@ -38,6 +47,12 @@ class UsageError(ValueError):
 def _fail(message: str) -> int:
   print(f'jaxprompt: error: {message}', file=sys.stderr)
   return 2
+
+
+def _one_line(e: BaseException) -> str:
+  """The error as one line, without gin's "In call to configurable 'tune' (<function ...>)"."""
+  text = re.sub(r"\s*In call to configurable '[^']*' \(<[^>]*>\)", '', str(e))
+  return ' '.join(text.split()) or type(e).__name__
 
 
 def _split_gin_args(argv: Sequence[str]) -> tuple[list[str], list[str], list[str]]:
@@ -72,32 +87,81 @@ def _binding(name: str, value: str) -> str:
   return f'{name} = {_literal(value)}'
 
 
-def gin_tune(files: Sequence[str], bindings: Sequence[str]):
-  """Parses gin files/bindings (package gin/ on the search path) and runs the bound `tune`."""
+GIN_DIR = os.path.join(os.path.dirname(__file__), 'gin')
+
+
+def resolve_gin_file(name: str) -> str:
+  """A gin file given as a path, else one shipped in the package (`runs/prompt_tune.gin`), as
+  an absolute path: gin is never asked to search (its resource lookup imports folders of the
+  working directory as packages)."""
+  for candidate in (name, os.path.join(GIN_DIR, name)):
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  shipped = sorted(os.path.relpath(os.path.join(d, f), GIN_DIR)
+                   for d, _, fs in os.walk(GIN_DIR) for f in fs if f.endswith('.gin'))
+  close = difflib.get_close_matches(name, shipped, n=3, cutoff=0.5)
+  hint = f'; did you mean {", ".join(close)}?' if close else f' (shipped: {GIN_DIR})'
+  raise UsageError(f'--gin_file {name}: no such file here or among the shipped gin files{hint}')
+
+
+_MACRO_DEFINITION = re.compile(r'^([A-Z][A-Z0-9_]*)\s*=', re.M)
+_MACRO_USE = re.compile(r'%([A-Z][A-Z0-9_]*)')
+
+
+def _check_macro_bindings(files: Sequence[str], bindings: Sequence[str]) -> None:
+  """A `--gin.NAME=` binding of a macro that no loaded file defines or uses is a typo."""
+  known: set[str] = set()
+  for path in files:
+    with open(path) as f:
+      text = f.read()
+    known |= set(_MACRO_DEFINITION.findall(text)) | set(_MACRO_USE.findall(text))
+  options = set(_run_flag_names().values()) | {
+      'task', 'backbone', 'model_dir', 'method', 'optimizer', 'train_steps', 'feature_lengths',
+      'resume', 'progress'}
+  for binding in bindings:
+    name = binding.split('=', 1)[0].strip()
+    if name.startswith('tune.') and name[len('tune.'):] not in options:
+      option = name[len('tune.'):]
+      close = difflib.get_close_matches(option, sorted(options), n=3)
+      hint = f'; did you mean {" or ".join("tune." + c for c in close)}?' if close else ''
+      raise UsageError(f'--gin.{name}: tune has no option {option!r}{hint}')
+    if re.fullmatch(r'[A-Z][A-Z0-9_]*', name) and name not in known:
+      close = difflib.get_close_matches(name, sorted(known), n=3)
+      hint = f'; did you mean {" or ".join(close)}?' if close else ''
+      raise UsageError(f'--gin.{name}: no loaded gin file uses the macro {name}{hint}')
+
+
+def _register_configurables() -> None:
   import gin
 
   from jaxprompt import tuning
   from jaxprompt.model.config import T5Config
-  gin.clear_config()
-  gin.add_config_file_search_path(os.path.join(os.path.dirname(__file__), 'gin'))
   for name, fn in (('tune', tuning.tune), ('setup_tasks', setup_tasks),
                    ('network.T5Config', T5Config)):
     if not gin.config._REGISTRY.get(name):  # noqa: SLF001 - gin has no public "is registered"
       gin.external_configurable(fn, name)
+
+
+def gin_tune(files: Sequence[str], bindings: Sequence[str]):
+  """Parses gin files/bindings (shipped files by their relative name) and runs the bound `tune`."""
+  import gin
+  gin.clear_config()
+  _register_configurables()
+  files = [resolve_gin_file(f) for f in files]
+  _check_macro_bindings(files, bindings)
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings))
   except (ValueError, IOError, SyntaxError) as e:
-    raise UsageError('gin: ' + ' '.join(str(e).split())) from None
-  configured_setup = gin.get_configurable('setup_tasks')
-  configured_tune = gin.get_configurable('tune')
+    raise UsageError('gin: ' + _one_line(e)) from None
   try:
-    configured_setup()
-    return configured_tune()
+    gin.get_configurable('setup_tasks')()
+    return gin.get_configurable('tune')()
   except RuntimeError as e:
-    if 'REQUIRED' in str(e) or 'required' in str(e):
-      raise UsageError('gin: ' + ' '.join(str(e).split()) +
-                       ' (bind it with --gin.NAME=value or the matching flag)') from None
-    raise
+    if 'REQUIRED' not in str(e) and 'required' not in str(e):
+      raise
+    missing = [flag for macro, flag in REQUIRED_FLAGS.items() if macro in str(e)]
+    hint = f'give {missing[0]}' if missing else 'bind it with --gin.NAME=value'
+    raise UsageError(f'{hint} ({_one_line(e)})') from None
 
 
 def setup_tasks(vocabulary: str | None = None, train_file: str | None = None,
@@ -117,9 +181,23 @@ def setup_tasks(vocabulary: str | None = None, train_file: str | None = None,
                        label_names=list(label_names) if label_names else None, vocabulary=vocab)
 
 
+def _run_flag_names() -> dict[str, str]:
+  """{flag: option} of `jaxprompt tune` beyond the macro flags: RunConfig fields and every
+  registered method's own options."""
+  from jaxprompt.config import RunConfig
+  from jaxprompt.methods import get_method, method_names
+  names = {f.name: f.name for f in dataclasses.fields(RunConfig)
+           if f.name not in MACRO_FLAGS and f.name not in NOT_TUNE}
+  for method in method_names():
+    for f in dataclasses.fields(get_method(method).Options):
+      names.setdefault(f.name, f.name)
+  return names
+
+
 def _tune_command(args, files: list[str], bindings: list[str]) -> int:
-  if not files and not bindings and not any(
-      getattr(args, f) is not None for f in list(MACRO_FLAGS) + list(TUNE_FLAGS) + ['train_file']):
+  flags = list(MACRO_FLAGS) + list(_run_flag_names()) + ['train_file', 'inputs_length',
+                                                          'targets_length']
+  if not files and not bindings and not any(getattr(args, f) is not None for f in flags):
     from jaxprompt.lab import demo
     demo.run_demo(steps=args.demo_steps)
     return 0
@@ -129,17 +207,14 @@ def _tune_command(args, files: list[str], bindings: list[str]) -> int:
     value = getattr(args, flag)
     if value is not None:
       extra.append(_binding(macro, str(value)))
-  for flag in TUNE_FLAGS:
+  for flag, option in _run_flag_names().items():
     value = getattr(args, flag)
     if value is not None:
-      extra.append(_binding(f'tune.{flag}', str(value)))
-  if args.inputs_length or args.targets_length:
-    extra.append(f"TASK_FEATURE_LENGTHS = {{'inputs': {args.inputs_length or 512}, "
-                 f"'targets': {args.targets_length or 16}}}")
-  if args.resume:
-    extra.append('tune.resume = True')
-  else:
-    extra.append('tune.resume = False')
+      extra.append(_binding(f'tune.{option}', str(value)))
+  lengths = {k: getattr(args, f'{k}_length') for k in ('inputs', 'targets')}
+  if any(v is not None for v in lengths.values()):
+    extra.append(f'TASK_FEATURE_LENGTHS = {({k: v for k, v in lengths.items() if v})!r}')
+  extra.append(f'tune.resume = {bool(args.resume)}')
   if args.train_file:
     extra += [_binding('setup_tasks.train_file', args.train_file),
               _binding('setup_tasks.task_name', args.task or 'user_task'),
@@ -161,7 +236,8 @@ def _tune_command(args, files: list[str], bindings: list[str]) -> int:
 def _print_result(result) -> None:
   print(f'run directory: {result.model_dir}')
   if result.initial_metrics:
-    print('validation before: ' + _fmt(result.initial_metrics))
+    print('validation before training (the initialised prompt): ' +
+          _fmt(result.initial_metrics))
   if result.best_metrics:
     print(f'validation best (step {result.best_step}): ' + _fmt(result.best_metrics))
   for label, path in (('prompt (best)', result.best_prompt_path),
@@ -176,9 +252,46 @@ def _fmt(metrics: dict[str, Any]) -> str:
                    if k != 'step' and isinstance(v, (int, float)))
 
 
+def describe_run(model_dir: str) -> dict[str, Any]:
+  """What a run directory holds: its manifest, progress, best metrics and files."""
+  from jaxprompt.train.checkpointing import read_manifest
+  manifest = read_manifest(model_dir)
+  out = {'run_directory': os.path.abspath(model_dir), **{
+      k: manifest.get(k) for k in ('method', 'task', 'backbone_path', 'backbone', 'train_steps',
+                                   'batch_size', 'prompt_length', 'seed')}}
+  summary_path = os.path.join(model_dir, 'summary.json')
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      summary = json.load(f)
+    out.update(state='finished', step=summary.get('step'), best_step=summary.get('best_step'),
+               best_metrics=summary.get('best_metrics'))
+  else:
+    steps_done = [int(d) for d in os.listdir(os.path.join(model_dir, 'checkpoints'))
+                  if d.isdigit()] if os.path.isdir(os.path.join(model_dir, 'checkpoints')) else []
+    out.update(state='unfinished (resume with --resume)',
+               step=max(steps_done) if steps_done else 0)
+  out['files'] = sorted(f for f in os.listdir(model_dir)
+                        if f.endswith(('.safetensors', '.npy', '.jsonl', '.png', '.json'))
+                        or f == 'model_best')
+  return out
+
+
 def _info_command(args) -> int:
   path = args.path
-  if path.endswith(('.safetensors', '.npy')) and os.path.isfile(path):
+  if os.path.isdir(path) and os.path.exists(os.path.join(path, 'manifest.json')):
+    d = describe_run(path)
+    if args.json:
+      print(json.dumps(d, default=str))
+    else:
+      print(f'run: {d.pop("run_directory")}')
+      for k, v in d.items():
+        if v is not None:
+          print(f'  {k:<13} {", ".join(v) if k == "files" else _fmt(v) if isinstance(v, dict) else v}')
+    return 0
+  is_adapter = os.path.isdir(path) and os.path.exists(os.path.join(path, 'adapter_config.json'))
+  if is_adapter or (path.endswith(('.safetensors', '.npy')) and os.path.isfile(path)
+                    and not os.path.exists(os.path.join(os.path.dirname(path) or '.',
+                                                        'config.json'))):
     from jaxprompt.prompts.files import describe_prompt, read_prompt
     if args.json:
       p = read_prompt(path)
@@ -187,28 +300,47 @@ def _info_command(args) -> int:
       print(describe_prompt(path))
     return 0
   from jaxprompt.checkpoints.inspect import describe, format_description
-  d = describe(path)
+  d = describe(_backbone_path(path))
   print(json.dumps(d, default=str) if args.json else format_description(d))
   return 0
+
+
+def _backbone_path(path: str) -> str:
+  from jaxprompt.checkpoints.backbone import resolve_backbone_path
+  return resolve_backbone_path(path) if path == 'lab' or path.startswith('lab:') else path
 
 
 def _eval_command(args) -> int:
   from jaxprompt import evaluate
   setup_tasks(args.vocabulary)
   prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
+  lengths = {k: v for k, v in (('inputs', args.inputs_length), ('targets', args.targets_length))
+             if v}
+  if lengths:
+    from jaxprompt.config import FALLBACK_FEATURE_LENGTHS
+    from jaxprompt.data.tasks import task_defaults
+    lengths = {**task_defaults(args.task).get('feature_lengths', FALLBACK_FEATURE_LENGTHS),
+               **lengths}
   metrics = evaluate.evaluate(args.task, backbone=args.backbone, prompt=prompt,
                               split=args.split, mode=args.mode, batch_size=args.batch_size,
-                              feature_lengths={'inputs': args.inputs_length,
-                                               'targets': args.targets_length},
-                              max_examples=args.max_examples, config=args.config)
+                              feature_lengths=lengths or None, max_examples=args.max_examples,
+                              config=args.config)
   if args.json:
     print(json.dumps(metrics))
   else:
     width = max(len(k) for k in metrics)
-    print(f'{args.task} [{args.split}]' + (f' with {" + ".join(args.prompt)}' if args.prompt
-                                            else ''))
+    what = f' with {" + ".join(args.prompt)}' if args.prompt else ' (backbone alone, no prompt)'
+    print(f'{args.task} [{args.split}]{what}')
     for k, v in metrics.items():
       print(f'  {k:<{width}}  {v:10.4f}')
+  return 0
+
+
+def _export_command(args) -> int:
+  from jaxprompt.checkpoints.peft import export_peft
+  out = export_peft(args.prompt, args.out, base_model_name_or_path=args.base_model,
+                    overwrite=args.overwrite)
+  print(f'PEFT prompt-tuning adapter: {out}')
   return 0
 
 
@@ -217,6 +349,8 @@ def _lab_command(args) -> int:
   if args.lab_command == 'build':
     path = backbone.build(steps=args.steps, force=args.force)
     print(f'lab backbone: {path}')
+  elif args.lab_command == 'path':
+    print(backbone.build())
   else:
     tasks = args.tasks.split(',') if args.tasks else report.DEFAULT_TASKS
     report.main(out=args.out, steps=args.steps, tasks=tasks, overwrite=args.overwrite)
@@ -224,6 +358,7 @@ def _lab_command(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+  from jaxprompt.config import HELP
   parser = argparse.ArgumentParser(prog='jaxprompt', description=__doc__.split('\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--debug', action='store_true', help='show tracebacks')
@@ -231,45 +366,65 @@ def build_parser() -> argparse.ArgumentParser:
 
   tune = sub.add_parser('tune', help='tune a soft prompt (no arguments: the embedded demo)',
                         description='Also accepts --gin_file=F and --gin.NAME=VALUE.')
-  for flag in MACRO_FLAGS:
-    tune.add_argument(f'--{flag}', default=None, help=f'sets gin macro {MACRO_FLAGS[flag]}')
-  for flag in TUNE_FLAGS:
-    tune.add_argument(f'--{flag}', default=None, help=f'sets tune.{flag}')
-  tune.add_argument('--inputs_length', type=int, default=None)
-  tune.add_argument('--targets_length', type=int, default=None)
+  for flag, macro in MACRO_FLAGS.items():
+    help_text = MACRO_HELP.get(flag) or HELP.get(flag, '')
+    tune.add_argument(f'--{flag}', default=None, help=f'{help_text} (gin macro {macro})')
+  for flag, option in _run_flag_names().items():
+    tune.add_argument(f'--{flag}', default=None,
+                      help=HELP.get(option, 'a method option') + f' (gin tune.{option})')
+  tune.add_argument('--inputs_length', type=int, default=None,
+                    help="input text budget in tokens (default: the task's own, else 512)")
+  tune.add_argument('--targets_length', type=int, default=None,
+                    help="target budget in tokens (default: the task's own, else 16)")
   tune.add_argument('--resume', action='store_true', help='continue the run in --model_dir')
   tune.add_argument('--train_file', help='a JSONL/TSV/CSV file of training examples')
-  tune.add_argument('--validation_file')
-  tune.add_argument('--input_column', default='input')
-  tune.add_argument('--target_column', default='target')
-  tune.add_argument('--label_column', default=None)
+  tune.add_argument('--validation_file', help='a JSONL/TSV/CSV file of validation examples')
+  tune.add_argument('--input_column', default='input', help='input column(s) of the files')
+  tune.add_argument('--target_column', default='target', help='target column of the files')
+  tune.add_argument('--label_column', default=None, help='label column (classification)')
   tune.add_argument('--label_names', default=None, help='comma-separated label texts')
   tune.add_argument('--demo_steps', type=int, default=None, help=argparse.SUPPRESS)
 
   ev = sub.add_parser('eval', help='evaluate a prompt file (or none) on a task split')
-  ev.add_argument('--task', required=True)
-  ev.add_argument('--backbone', required=True, help='checkpoint (T5X legacy/Orbax, HF)')
+  ev.add_argument('--task', required=True, help='seqio task or mixture')
+  ev.add_argument('--backbone', required=True,
+                  help="checkpoint (T5X legacy/Orbax, HF), or 'lab' for the lab's backbone")
   ev.add_argument('--prompt', default=None, nargs='+',
-                  help='prompt file (.safetensors or .npy); several files vote as an ensemble')
-  ev.add_argument('--split', default='validation')
-  ev.add_argument('--mode', default='auto', choices=('auto', 'rank', 'greedy', 'beam'))
-  ev.add_argument('--batch_size', type=int, default=32)
-  ev.add_argument('--inputs_length', type=int, default=512)
-  ev.add_argument('--targets_length', type=int, default=16)
-  ev.add_argument('--max_examples', type=int, default=None)
-  ev.add_argument('--config', default=None)
-  ev.add_argument('--vocabulary', default=None)
-  ev.add_argument('--json', action='store_true')
+                  help='prompt file (.safetensors, .npy or a PEFT adapter directory) or a '
+                  'model-tuned checkpoint; several prompt files vote as an ensemble; none: the '
+                  'backbone alone')
+  ev.add_argument('--split', default='validation', help='split to score')
+  ev.add_argument('--mode', default='auto', choices=('auto', 'rank', 'greedy', 'beam'),
+                  help='rank classification, greedy or beam decoding (auto: rank if labelled)')
+  ev.add_argument('--batch_size', type=int, default=32, help='evaluation batch size')
+  ev.add_argument('--inputs_length', type=int, default=None,
+                  help="input budget (default: the task's own, else 512)")
+  ev.add_argument('--targets_length', type=int, default=None,
+                  help="target budget (default: the task's own, else 16)")
+  ev.add_argument('--max_examples', type=int, default=None, help='score the first N only')
+  ev.add_argument('--config', default=None, help='T5 config name when the checkpoint has none')
+  ev.add_argument('--vocabulary', default=None, help="SentencePiece model (default: T5's)")
+  ev.add_argument('--json', action='store_true', help='print the metrics as JSON')
 
-  info = sub.add_parser('info', help='describe a checkpoint or a prompt file')
-  info.add_argument('path')
-  info.add_argument('--json', action='store_true')
+  info = sub.add_parser('info', help='describe a run directory, a prompt file, a PEFT adapter '
+                        'or a checkpoint')
+  info.add_argument('path', help="the thing to describe ('lab': the lab backbone)")
+  info.add_argument('--json', action='store_true', help='print JSON')
+
+  ex = sub.add_parser('export', help='export a prompt file to another format')
+  ex.add_argument('--to', required=True, choices=('peft',), help='target format')
+  ex.add_argument('--prompt', required=True, help='a jaxprompt prompt file')
+  ex.add_argument('--out', required=True, help='directory to write')
+  ex.add_argument('--base_model', default=None,
+                  help="base_model_name_or_path for PEFT (default: the prompt's backbone)")
+  ex.add_argument('--overwrite', action='store_true', help='replace an existing --out')
 
   lab = sub.add_parser('lab', help="the lab: a small pretrained backbone and related tasks")
   lab_sub = lab.add_subparsers(dest='lab_command', required=True)
   b = lab_sub.add_parser('build', help='train (or reuse) the lab backbone')
-  b.add_argument('--steps', type=int, default=None)
-  b.add_argument('--force', action='store_true')
+  b.add_argument('--steps', type=int, default=None, help='pretraining steps')
+  b.add_argument('--force', action='store_true', help='rebuild even if cached')
+  lab_sub.add_parser('path', help="print the lab backbone's checkpoint path (built if needed)")
   r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab')
   r.add_argument('--out', default=None, help='JSON file to write (default lab_report.json)')
   r.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
@@ -285,8 +440,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   rest, files, bindings = _split_gin_args(argv)
   parser = build_parser()
   args = parser.parse_args(rest)
-  if args.command != 'info':  # the others read data through seqio, which loads TensorFlow
+  if args.command not in ('info', 'export'):  # these read data through seqio (TensorFlow)
     host.import_quietly('tensorflow')
+    quiet_libraries()
   if (files or bindings) and args.command != 'tune':
     return _fail('--gin_file / --gin.NAME apply to `jaxprompt tune` only')
   try:
@@ -296,15 +452,26 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _eval_command(args)
     if args.command == 'info':
       return _info_command(args)
+    if args.command == 'export':
+      return _export_command(args)
     return _lab_command(args)
   except Exception as e:  # one line for the user; --debug for the traceback
     if args.debug or os.environ.get('JAXPROMPT_DEBUG'):
       raise
     known = (ValueError, FileNotFoundError, FileExistsError, KeyError, FloatingPointError,
-             RuntimeError, NotImplementedError)
+             RuntimeError, NotImplementedError, OSError)
     if isinstance(e, known):
-      return _fail(' '.join(str(e).split()) or type(e).__name__)
+      return _fail(_one_line(e))
     raise
+
+
+def quiet_libraries() -> None:
+  """Keeps library chatter out of the user's terminal: seqio's per-dataset absl warnings
+  ("Using an uncached FunctionDataset ...") and gin's missing-path lines."""
+  import logging
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.ERROR)
+  logging.getLogger('absl').setLevel(logging.ERROR)
 
 
 def entry() -> None:

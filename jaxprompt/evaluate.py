@@ -1,4 +1,5 @@
-"""Evaluate a prompt file (or no prompt, or a model-tuned checkpoint) on a task split."""
+"""Evaluate a method's product (a prompt file, a stack, an ensemble, a model-tuned checkpoint)
+or the backbone alone on a task split, through the engine's one evaluation path."""
 
 from __future__ import annotations
 
@@ -7,54 +8,92 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from jaxprompt.prompts import prompt as prompt_lib
-from jaxprompt.prompts.files import check_compatible, read_prompt
-from jaxprompt.train import evaluation, steps
+from jaxprompt.train import engine as engine_lib, evaluation, steps
 
 
 def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
-             split: str = 'validation',
-             mode: str = 'auto', batch_size: int = 32,
+             split: str = 'validation', mode: str = 'auto', batch_size: int = 32,
              feature_lengths: Mapping[str, int] | None = None, max_examples: int | None = None,
-             config=None, prompt_position: str = 'prefix') -> dict[str, float]:
+             config=None, prompt_position: str | None = None,
+             num_partitions: int = 1) -> dict[str, float]:
   """Task metrics (and teacher-forced loss) of `backbone` with `prompt` on `task`/`split`.
 
   Args:
-    task: a registered seqio task.
-    backbone: checkpoint path or `(module, params)`.
-    prompt: a prompt file (.safetensors / .npy); None evaluates the backbone alone; several
-      files (of one task) are an ensemble: each example runs with every prompt and they vote.
-    split: the split to score.
-    mode: 'rank', 'greedy', 'beam' or 'auto'.
+    task: a registered seqio task (a mixture: each member, macro-averaged).
+    backbone: checkpoint path ('lab' for the lab's), `(module, params)` or a `Backbone`.
+    prompt: a prompt file (.safetensors / .npy / a PEFT adapter directory) of any prompt
+      method, read back by that method (a stack evaluates each task with its own row); a
+      model-tuned checkpoint directory; None evaluates the backbone alone; several files (of
+      one task) are an ensemble: each example runs with every prompt and they vote.
+    feature_lengths: the task's own lengths when None (else inputs 512, targets 16).
+    prompt_position: where the prompt enters; the prompt file's own by default.
   """
-  from jaxprompt.tuning import load_backbone
-  module, params, name = load_backbone(backbone, config)
-  lengths = dict(feature_lengths or {'inputs': 512, 'targets': 16})
-  ensemble = isinstance(prompt, (list, tuple))
+  from jaxprompt.checkpoints.backbone import load_backbone
+  from jaxprompt.config import FALLBACK_FEATURE_LENGTHS
+  from jaxprompt.data.tasks import check_task_name, member_tasks, task_defaults
+  from jaxprompt.methods import Context, get_method
+  from jaxprompt.prompts.files import check_compatible, read_prompt
+  check_task_name(task)
+  bb = load_backbone(backbone, config)
+  lengths = dict(feature_lengths or task_defaults(task).get('feature_lengths',
+                                                            FALLBACK_FEATURE_LENGTHS))
+  tasks = member_tasks(task)
+  position = prompt_position
   if prompt is None:
-    trainable, frozen, model_inputs = params, {}, steps.model_tuning_inputs
-  else:
+    method = get_method('model_tuning')
+    trainable, extras = bb.params, {}
+  elif isinstance(prompt, (list, tuple)) and len(prompt) > 1:
     values = []
-    for path in (prompt if ensemble else [prompt]):
+    for path in prompt:
       pf = read_prompt(path)
-      check_compatible(pf, module.config.emb_dim, name, path=path)
+      check_compatible(pf, bb.module.config.emb_dim, bb, path=path)
       if pf.value.ndim == 3:
         raise ValueError(f'{path}: holds a stack of {pf.value.shape[0]} prompts; pass the task '
                          'prompts as separate files to ensemble them')
       values.append(np.asarray(pf.masked_value()))
+      position = position or pf.metadata.get('position')
     if len({v.shape for v in values}) > 1:
       raise ValueError(f'ensemble prompts differ in shape: {[v.shape for v in values]}')
-    trainable = prompt_lib.prompt_tree(np.stack(values) if ensemble else values[0])
-    frozen, model_inputs = {'backbone': params}, steps.prompt_inputs
-  examples = evaluation.load_examples(task, split, lengths, max_examples)
-  evaluator = evaluation.Evaluator(module, frozen, model_inputs, task, examples, batch_size, mode,
-                                   prompt_lib.position_index(prompt_position),
-                                   eval_step=None if ensemble else _eval_step(
-                                       module, model_inputs, prompt_position),
-                                   ensemble=ensemble)
-  return evaluator(trainable)
+    method = get_method('prompt_ensemble')
+    trainable, extras = prompt_lib.prompt_tree(np.stack(values)), {}
+  else:
+    path = prompt[0] if isinstance(prompt, (list, tuple)) else prompt
+    from jaxprompt.checkpoints import exists, join
+    if exists(join(str(path), 'config.json')) and not exists(join(str(path),
+                                                                  'adapter_config.json')):
+      method = get_method('model_tuning')  # a model-tuned checkpoint
+      metadata = {}
+    else:
+      metadata = read_prompt(path).metadata
+      method = get_method(metadata.get('method', 'prompt_tuning'))
+      position = position or metadata.get('position')
+    ctx = Context(bb, task, tasks, None, None, None, None)
+    trainable, extras = method.load_product(path, ctx)
+    if method.uses_task_index:  # a stack: evaluate each task with its own row
+      trained_on = list(metadata.get('tasks') or [])
+      missing = [t for t in tasks if t not in trained_on]
+      if missing:
+        raise ValueError(f'{path}: a prompt stack for {", ".join(trained_on) or "unknown tasks"}'
+                         f' has no row for {", ".join(missing)}')
+      method = _RowsOf(method, [trained_on.index(t) for t in tasks])
+  position_index = prompt_lib.position_index(position or 'prefix')
+  eng, state = engine_lib.build_engine(bb.module, method.eval_inputs, None,
+                                   {'backbone': bb.params, **extras}, trainable,
+                                   prompt_position=position_index, num_partitions=num_partitions,
+                                   trainable_is_backbone=method.trains_backbone)
+  validation = evaluation.build_validation(eng, method, tasks, split, lengths, batch_size, mode,
+                                           max_examples, position_index, steps.LossConfig())
+  return validation(state.trainable)
 
 
-def _eval_step(module, model_inputs, prompt_position):
-  import jax
-  return jax.jit(steps.make_eval_step(module, model_inputs,
-                                      prompt_position=prompt_lib.position_index(prompt_position)))
+class _RowsOf:
+  """A stack method whose i-th evaluated task uses row `rows[i]` of the stack."""
+
+  def __init__(self, method, rows):
+    self._method, self._rows = method, rows
+
+  def __getattr__(self, name):
+    return getattr(self._method, name)
+
+  def eval_extras(self, task_index):
+    return self._method.eval_extras(self._rows[task_index])

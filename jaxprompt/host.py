@@ -21,26 +21,47 @@ HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 OPT_OUT = 'JAXPROMPT_SYSTEM_MALLOC'
 
 
+def runs_on_cpu(environ=None) -> bool:
+  """Whether jax will run on the CPU, judged without starting it: no accelerator plugin is
+  installed, or JAX_PLATFORMS asks for the CPU first."""
+  import importlib.util
+  environ = os.environ if environ is None else environ
+  platforms = environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  plugins = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'libtpu')
+  return not any(importlib.util.find_spec(p) is not None for p in plugins)
+
+
 def huge_pages_env(environ=None) -> dict[str, str] | None:
   """The environment to re-execute with, or None where nothing should change.
 
-  Nothing changes off Linux/glibc, when the user set `GLIBC_TUNABLES` themselves (or a
-  previous re-execution did), or when `JAXPROMPT_SYSTEM_MALLOC=1` opts out.
+  Nothing changes off Linux/glibc, off the CPU backend, when the user set `GLIBC_TUNABLES`
+  themselves (or a previous re-execution did), or when `JAXPROMPT_SYSTEM_MALLOC=1` opts out.
   """
   environ = os.environ if environ is None else environ
   if (sys.platform != 'linux' or 'GLIBC_TUNABLES' in environ or environ.get(OPT_OUT)
-      or platform.libc_ver()[0] != 'glibc'):
+      or platform.libc_ver()[0] != 'glibc' or not runs_on_cpu(environ)):
     return None
   return dict(environ, GLIBC_TUNABLES=HUGE_PAGES_TUNABLE)
 
 
+def reexec_argv(module: str, argv: Sequence[str]) -> list[str]:
+  """`python [the interpreter's own flags] -P -m module *argv`: `-P` keeps the working
+  directory off `sys.path`, so a folder there named like a package (`runs/`, `models/`, a
+  clone of this repository) cannot shadow one."""
+  import subprocess
+  flags = subprocess._args_from_interpreter_flags()  # noqa: SLF001 - the stdlib's own helper
+  return [sys.executable, *flags, '-P', '-m', module, *argv]
+
+
 def reexec_with_huge_pages(module: str, argv: Sequence[str]) -> None:
-  """Replaces this process with `python -m module *argv` under `huge_pages_env()`, if any."""
+  """Replaces this process with `python -P -m module *argv` under `huge_pages_env()`, if any."""
   env = huge_pages_env()
   if env is not None:
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, '-m', module, *argv], env)
+    os.execve(sys.executable, reexec_argv(module, argv), env)
 
 
 def release_host_memory() -> None:

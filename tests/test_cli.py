@@ -98,7 +98,8 @@ def test_tune_eval_info_end_to_end(tiny_setup, capsys):
   assert 'validation before' in out and 'prompt (best)' in out
   manifest = json.load(open(os.path.join(run, 'manifest.json')))
   assert manifest['task'] == 'cli_task' and manifest['prompt_length'] == 3
-  assert manifest['backbone'] == os.path.abspath(s['ckpt'])
+  assert manifest['backbone_path'] == os.path.abspath(s['ckpt'])
+  assert manifest['backbone'].startswith('sha256:')  # the fingerprint, checked on resume
   # The run directory now holds a run: a second start without --resume is refused ...
   assert cli.main(args) == 2
   assert 'pass --resume' in capsys.readouterr().err
@@ -125,8 +126,9 @@ def test_tune_eval_info_end_to_end(tiny_setup, capsys):
 
 def test_prompt_ensemble_votes(tiny_setup):
   """Prompts [a, a, b] vote like a alone, [b, b, a] like b alone, and a and b disagree."""
+  from jaxprompt.methods import get_method
   from jaxprompt.prompts import prompt_tree
-  from jaxprompt.train import evaluation, steps
+  from jaxprompt.train import engine as engine_lib, evaluation
   from jaxprompt.tuning import load_backbone
   s = tiny_setup
   cli.setup_tasks(s['spm'], s['train'], s['dev'], 'cli_task', 'text', 'target', 'label',
@@ -134,11 +136,15 @@ def test_prompt_ensemble_votes(tiny_setup):
   module, _, _ = load_backbone(s['ckpt'])
   from conftest import random_params
   params = random_params(module.config, seed=5, std=0.5)  # sensitive to the prompt
-  examples = evaluation.load_examples('cli_task', 'validation', {'inputs': 16, 'targets': 4})
+  data = evaluation.load_eval_data('cli_task', 'validation', {'inputs': 16, 'targets': 4}, 8)
+  single, ensemble = get_method('prompt_tuning'), get_method('prompt_ensemble')
+  eng, _ = engine_lib.build_engine(module, single.model_inputs, None, {'backbone': params},
+                                   prompt_tree(np.zeros((3, 32), np.float32)))
 
-  def predict(prompt, ensemble=False, mode='rank'):
-    ev = evaluation.Evaluator(module, {'backbone': params}, steps.prompt_inputs, 'cli_task',
-                              examples, batch_size=8, mode=mode, ensemble=ensemble)
+  def predict(prompt, mode='rank'):
+    method = ensemble if prompt.ndim == 3 else single
+    ev = evaluation.Evaluator(eng, method.eval_inputs, 'cli_task', data, mode,
+                              ensemble=method.ensemble)
     return ev.predictions(prompt_tree(prompt))
 
   rs = np.random.RandomState(3)
@@ -146,8 +152,8 @@ def test_prompt_ensemble_votes(tiny_setup):
     a, b = rs.uniform(-3, 3, (3, 32)), rs.uniform(-3, 3, (3, 32))
     pa, pb = predict(a, mode=mode), predict(b, mode=mode)
     assert pa != pb
-    assert predict(np.stack([a, a, b]), True, mode) == pa
-    assert predict(np.stack([b, b, a]), True, mode) == pb
+    assert predict(np.stack([a, a, b]), mode) == pa
+    assert predict(np.stack([b, b, a]), mode) == pb
 
 
 def test_lab_report_refuses_unknown_targets_and_an_existing_report(tmp_path, capsys):

@@ -219,6 +219,8 @@ def detect(path: str) -> tuple[str, str]:
   Hugging Face directory (or one of its `.safetensors` / `config.json` files).
   """
   path = str(path).rstrip('/') if len(str(path)) > 1 else str(path)
+  if not is_remote(path):  # Orbax refuses relative paths; every reader gets an absolute one
+    path = os.path.abspath(os.path.expanduser(path))
   if not exists(path):
     raise CheckpointError(f'{path}: no such file or directory; pass a T5X checkpoint_N '
                           'directory, a T5X model directory or a Hugging Face model directory')

@@ -38,9 +38,8 @@ def _metadata_tree(state_dir: str) -> dict[str, Any]:
   try:  # the handler's metadata: T5X keeps _CHECKPOINT_METADATA one level up, not in state/
     metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
   except (ValueError, OSError, RuntimeError, FileNotFoundError) as e:
-    raise CheckpointError(f'{state_dir}: cannot read the Orbax metadata ({_reason(e)}); the '
-                          'checkpoint is incomplete or corrupt, copy the whole checkpoint_N '
-                          'directory again') from None
+    raise CheckpointError(f'{state_dir}: cannot read the Orbax metadata ({_reason(e)}); if '
+                          'files are missing, copy the whole checkpoint_N directory again') from None
   tree = getattr(metadata, 'item_metadata', metadata)
   tree = getattr(tree, 'tree', tree)
   if not isinstance(tree, Mapping) or not isinstance(tree.get('target'), Mapping):
@@ -84,9 +83,8 @@ def read(path: str) -> tuple[dict[str, Any], dict[str, int]]:
     restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
         item={'target': item}, restore_args={'target': restore_args}, partial_restore=True))
   except (ValueError, OSError, RuntimeError, KeyError) as e:
-    raise CheckpointError(f'{state_dir}: cannot restore the Orbax params ({_reason(e)}); the '
-                          'checkpoint is incomplete or corrupt, copy the whole checkpoint_N '
-                          'directory again') from None
+    raise CheckpointError(f'{state_dir}: cannot restore the Orbax params ({_reason(e)}); if '
+                          'files are missing, copy the whole checkpoint_N directory again') from None
   flat = {p: np.asarray(v).astype(np.float32, copy=False)
           for p, v in flatten(restored['target']).items()}
   return unflatten(flat), dtypes

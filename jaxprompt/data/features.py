@@ -26,6 +26,7 @@ import tensorflow as tf
 logger = logging.getLogger(__name__)
 TRUNCATED = 'truncated'  # passthrough feature: [inputs cut, targets cut]
 EXAMPLE_MASK = 'example_mask'
+TASK_INDEX = 'task_index'  # with_task_index: the example's task, a position in member_tasks()
 MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
                   'decoder_loss_weights')
 
@@ -116,6 +117,8 @@ class BatchIterator:
       batch = {k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}
     self.truncation.update(batch.pop(TRUNCATED), batch[EXAMPLE_MASK])
+    if TASK_INDEX in batch:
+      batch[TASK_INDEX] = batch[TASK_INDEX].reshape(-1)
     return batch
 
 
@@ -123,7 +126,7 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
                 split: str = 'train', batch_size: int = 32, *, shuffle: bool = True,
                 seed: Optional[int] = None, num_epochs: Optional[int] = None,
                 shard_id: int = 0, num_shards: int = 1, use_cached: bool = False,
-                try_in_mem_cache: bool = True) -> BatchIterator:
+                try_in_mem_cache: bool = True, with_task_index: bool = False) -> BatchIterator:
   """Numpy batches of a seqio task or mixture for a prompted encoder-decoder.
 
   Training: `shuffle=True`, a `seed` for a reproducible order and `num_epochs=None` (repeat).
@@ -144,6 +147,9 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
     use_cached: read a seqio cache made offline (`seqio-cache`), as T5X can.
     try_in_mem_cache: let seqio keep small sources in memory (it asks TFDS for split sizes,
       which mocked TFDS data does not have).
+    with_task_index: add `task_index` [B], each example's task as a position in the mixture's
+      `member_tasks` (0 for a task): mixed-task batches for a stack of task prompts. A mixture
+      is then sampled here from its members at the mixture's rates.
 
   Returns:
     A `BatchIterator` of dicts with `encoder_input_tokens` [B, inputs], `decoder_input_tokens`,
@@ -154,17 +160,34 @@ def get_dataset(mixture_or_task_name: str, task_feature_lengths: Mapping[str, in
   lengths = {'inputs': int(task_feature_lengths['inputs']),
              'targets': int(task_feature_lengths['targets'])}
   shard_info = seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None
-  dataset = provider.get_dataset(
-      sequence_length=None, split=split, use_cached=use_cached, shuffle=shuffle, seed=seed,
-      shard_info=shard_info, num_epochs=num_epochs, try_in_mem_cache=try_in_mem_cache)
+  read = dict(sequence_length=None, split=split, use_cached=use_cached, shuffle=shuffle,
+              shard_info=shard_info, num_epochs=num_epochs, try_in_mem_cache=try_in_mem_cache)
+  passthrough = {TRUNCATED: 2}
+  if with_task_index:
+    members = provider.tasks if isinstance(provider, seqio.Mixture) else [provider]
+    parts = []
+    for i, task in enumerate(members):
+      part = task.get_dataset(seed=None if seed is None else seed + i, **read)
+      parts.append(part.map(
+          lambda ex, i=i: {'inputs': ex['inputs'], 'targets': ex['targets'],
+                           TASK_INDEX: tf.constant([i], tf.int32)}))
+    if len(parts) == 1:
+      dataset = parts[0]
+    else:
+      rates = [float(provider.get_rate(t)) for t in members]
+      dataset = tf.data.Dataset.sample_from_datasets(
+          parts, [r / sum(rates) for r in rates], seed=seed, stop_on_empty_dataset=False)
+    passthrough[TASK_INDEX] = 1
+  else:
+    dataset = provider.get_dataset(seed=seed, **read)
   features = provider.output_features
   keeps_eos = {k: features[k].add_eos for k in ('inputs', 'targets')}
   dataset = dataset.map(lambda ex: _truncate(ex, lengths, keeps_eos),
                         num_parallel_calls=tf.data.AUTOTUNE)
   converter = seqio.EncDecFeatureConverter(
       pack=False, passthrough_features={
-          TRUNCATED: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32)})
-  dataset = converter(dataset, {**lengths, TRUNCATED: 2})
+          k: seqio.FeatureConverter.FeatureSpec(dtype=tf.int32) for k in passthrough})
+  dataset = converter(dataset, {**lengths, **passthrough})
   dataset = dataset.batch(batch_size)
   options = tf.data.Options()
   options.deterministic = True

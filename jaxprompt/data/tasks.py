@@ -27,6 +27,9 @@ from jaxprompt.data import vocab as vocab_lib
 logger = logging.getLogger(__name__)
 MIXTURE_CAP = 2**19
 LABELS: dict[str, tuple[str, ...]] = {}
+# Run defaults a task knows for itself (`feature_lengths`, `prompt_length`), e.g. the lab's
+# short sequences; a run uses them where the user gave none (see `jaxprompt.config`).
+TASK_DEFAULTS: dict[str, dict[str, Any]] = {}
 """Task name -> the label names its targets use, in class-id order (classification only)."""
 TRAIN_SIZES: dict[str, int] = {}
 """Task name -> train examples, used for mixing rates when TFDS metadata is not on disk."""
@@ -305,3 +308,39 @@ def register_mixture(name: str, tasks: Sequence[str], *, cap: int = MIXTURE_CAP,
 def label_names(task_name: str) -> Optional[tuple[str, ...]]:
   """The verbalised labels of a registered classification task, or None."""
   return LABELS.get(task_name)
+
+
+def member_tasks(name: str) -> tuple[str, ...]:
+  """The tasks of a mixture in the mixture's order (a task's own name for a task); the
+  `task_index` of a mixed-task batch is a position in this tuple."""
+  provider = seqio.get_mixture_or_task(name)
+  if isinstance(provider, seqio.Mixture):
+    return tuple(t.name for t in provider.tasks)
+  return (name,)
+
+
+def task_defaults(name: str) -> dict[str, Any]:
+  """The run defaults the task (or every task of the mixture) carries: the longest feature
+  lengths and the first prompt length among its members."""
+  out: dict[str, Any] = {}
+  for member in member_tasks(name):
+    known = TASK_DEFAULTS.get(member, {})
+    if 'feature_lengths' in known:
+      old = out.get('feature_lengths', {})
+      out['feature_lengths'] = {k: max(v, old.get(k, 0)) for k, v in
+                                known['feature_lengths'].items()}
+    if 'prompt_length' in known:
+      out.setdefault('prompt_length', known['prompt_length'])
+  return out
+
+
+def check_task_name(name: str) -> None:
+  """Raises a one-line error naming the close matches when `name` is not registered."""
+  import difflib
+  known = list(seqio.TaskRegistry.names()) + list(seqio.MixtureRegistry.names())
+  if name in known:
+    return
+  close = difflib.get_close_matches(name, known, n=4, cutoff=0.5)
+  hint = f'; did you mean {", ".join(close)}?' if close else (
+      '; lab tasks are named lab_<task> (e.g. lab_has_green), the TFDS ones jaxprompt_<task>')
+  raise ValueError(f'unknown task {name!r}{hint}')

@@ -123,14 +123,29 @@ def _check_shape(path: str, value: np.ndarray) -> np.ndarray:
   return value
 
 
-def check_compatible(prompt: PromptFile, embed_dim: int, backbone: str | None = None,
+def check_compatible(prompt: PromptFile, embed_dim: int, backbone=None,
                      path: str = 'prompt') -> None:
-  """Raises if the prompt's width is not the model's; warns if it was made for another backbone."""
+  """Raises if the prompt's width is not the model's; warns if it was made for another backbone.
+
+  `backbone` is a `jaxprompt.checkpoints.backbone.Backbone` (compared by fingerprint, else
+  by path) or a path.
+  """
   if prompt.width != embed_dim:
     raise ValueError(f'{path}: prompt width {prompt.width} does not match the model width '
-                     f'{embed_dim}; train a cross-model projector (jaxprompt project) to move it')
+                     f'{embed_dim}: a prompt only fits a backbone of its own width; tune one for '
+                     'this backbone (cross-model projectors are not in this release yet)')
+  made_for = prompt.metadata.get('backbone_fingerprint')
+  fingerprint = getattr(backbone, 'fingerprint', None)
+  if made_for and fingerprint:
+    if made_for != fingerprint:
+      warnings.warn(f'{path}: prompt was trained for backbone {prompt.metadata.get("backbone")} '
+                    f'({made_for}), now used with {getattr(backbone, "name", backbone)} '
+                    f'({fingerprint})', stacklevel=2)
+    return
   made_for = prompt.metadata.get('backbone')
-  if backbone and made_for and os.path.abspath(str(made_for)) != os.path.abspath(str(backbone)):
+  backbone = getattr(backbone, 'path', backbone)
+  if (backbone and made_for and not str(made_for).startswith('in-memory') and
+      os.path.abspath(str(made_for)) != os.path.abspath(str(backbone))):
     warnings.warn(f'{path}: prompt was trained for backbone {made_for}, now used with {backbone}',
                   stacklevel=2)
 
@@ -144,7 +159,8 @@ def describe_prompt(path: str) -> str:
     lines.append(f'  token mask: {int(p.token_mask.sum())}/{p.token_mask.size} tokens kept')
   if p.piece_mask is not None:
     lines.append(f'  piece mask: {int(p.piece_mask.sum())}/{p.piece_mask.size} pieces kept')
-  for key in ('backbone', 'task', 'step', 'init', 'method', 'metrics', 'jaxprompt_version'):
+  for key in ('method', 'backbone', 'backbone_fingerprint', 'task', 'step', 'init', 'metrics',
+              'jaxprompt_version'):
     if key in p.metadata:
       lines.append(f'  {key}: {p.metadata[key]}')
   return '\n'.join(lines)

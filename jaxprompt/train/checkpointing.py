@@ -18,24 +18,27 @@ import orbax.checkpoint as ocp
 
 MANIFEST = 'manifest.json'
 # Keys of the manifest that must agree for a run directory to be resumed.
-IDENTITY_KEYS = ('method', 'backbone', 'task', 'prompt_length', 'seed', 'batch_size')
+# (`backbone` is the backbone's fingerprint; a method adds its own keys, see Method.identity.)
+IDENTITY_KEYS = ('method', 'backbone', 'task', 'seed', 'batch_size')
 
 
 class RunDirectoryError(ValueError):
   pass
 
 
-def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = True) -> bool:
+def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = True,
+                    write: bool = True, identity_keys: tuple[str, ...] = IDENTITY_KEYS) -> bool:
   """Creates `model_dir` or checks it holds this same run. Returns True if it can be resumed.
 
   A directory that holds a different run (or files but no manifest) is refused: nothing
-  already written is overwritten.
+  already written is overwritten. Only the writer (process 0) creates the manifest.
   """
   path = os.path.join(model_dir, MANIFEST)
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    diff = [k for k in IDENTITY_KEYS if old.get(k) != manifest.get(k)]
+    diff = [k for k in identity_keys if old.get(k) != json.loads(json.dumps(manifest.get(k),
+                                                                         default=str))]
     if diff:
       changes = ', '.join(f'{k}: {old.get(k)!r} -> {manifest.get(k)!r}' for k in diff)
       raise RunDirectoryError(f'{model_dir}: holds a different run ({changes}); '
@@ -47,6 +50,8 @@ def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = Tru
   if os.path.isdir(model_dir) and os.listdir(model_dir):
     raise RunDirectoryError(f'{model_dir}: not empty and has no {MANIFEST}; give a new or empty '
                             '--model_dir')
+  if not write:
+    return False
   os.makedirs(model_dir, exist_ok=True)
   tmp = path + '.tmp'
   with open(tmp, 'w') as f:

@@ -42,6 +42,25 @@ class Engine:
     return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
             for k, v in batch.items()}
 
+  def put_full_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """A whole global batch that every host holds (evaluation) -> arrays sharded on `data`."""
+    return jax.device_put({k: np.asarray(v) for k, v in batch.items()},
+                          partitioning.batch_sharding(self.mesh))
+
+  @property
+  def data_parallel_size(self) -> int:
+    return int(self.mesh.shape['data'])
+
+  def jit(self, fn: Callable, **kwargs) -> Callable:
+    """`fn` jitted, called under this engine's mesh and axis rules."""
+    jitted = jax.jit(fn, **kwargs)
+
+    def call(*args):
+      with self.mesh, nn_partitioning.axis_rules(self.rules):
+        return jitted(*args)
+
+    return call
+
   def evaluate_batch(self, trainable, batch: dict[str, np.ndarray]) -> dict[str, float]:
     return jax.device_get(self.eval_step(trainable, self.frozen, self.put_batch(batch)))
 
@@ -50,7 +69,8 @@ def _replicate(tree, mesh):
   return jax.device_put(tree, partitioning.replicated(mesh))
 
 
-def build_engine(module: Transformer, model_inputs: ModelInputs, tx: optax.GradientTransformation,
+def build_engine(module: Transformer, model_inputs: ModelInputs,
+                 tx: optax.GradientTransformation | None,
                  frozen: dict[str, Any], trainable: Any, *, loss: LossConfig = LossConfig(),
                  prompt_position: int = 0, num_partitions: int = 1,
                  trainable_is_backbone: bool = False, dropout: bool = True,
@@ -60,7 +80,7 @@ def build_engine(module: Transformer, model_inputs: ModelInputs, tx: optax.Gradi
   Args:
     module: the T5.
     model_inputs: the method's mapping `(trainable, frozen, batch) -> (params, prompt)`.
-    tx: the optimizer (of the trainable only).
+    tx: the optimizer (of the trainable only); None builds an evaluation-only engine.
     frozen: `{'backbone': params, ...}`; other entries (masks, source prompts) are replicated.
     trainable: the initial trainable pytree.
     loss: loss settings.
@@ -82,14 +102,16 @@ def build_engine(module: Transformer, model_inputs: ModelInputs, tx: optax.Gradi
             for k, v in frozen.items()}
   trainable = (jax.device_put(trainable, backbone_shardings) if trainable_is_backbone
                else _replicate(trainable, mesh))
-  with mesh, nn_partitioning.axis_rules(rules):
-    state = jax.jit(init_state, static_argnums=1)(trainable, tx)
-  state = state._replace(step=_replicate(state.step, mesh))
-
-  train = make_train_step(module, model_inputs, tx, loss, prompt_position, dropout)
-  evaluate = make_eval_step(module, model_inputs, loss, prompt_position)
-  train_jit = jax.jit(train, donate_argnums=(0,))
-  eval_jit = jax.jit(evaluate)
+  if tx is None:
+    state = TrainState(_replicate(np.zeros((), np.int32), mesh), trainable, None)
+    train_jit = None
+  else:
+    with mesh, nn_partitioning.axis_rules(rules):
+      state = jax.jit(init_state, static_argnums=1)(trainable, tx)
+    state = state._replace(step=_replicate(state.step, mesh))
+    train_jit = jax.jit(make_train_step(module, model_inputs, tx, loss, prompt_position, dropout),
+                        donate_argnums=(0,))
+  eval_jit = jax.jit(make_eval_step(module, model_inputs, loss, prompt_position))
 
   compiled = []
 

@@ -1,9 +1,11 @@
-"""Validation and test evaluation of a trainable on a seqio task.
+"""The one evaluation path: validation, `jaxprompt eval`, the lab reports and the notebooks.
 
-Three ways to score: rank classification over the task's label verbalizers (the
-fast exact path for classification), greedy decoding with the KV cache, and beam
-search. Predictions are postprocessed by the task and fed to its metric functions;
-teacher-forced loss metrics come along. Each path is one jitted program per shape.
+Examples come from the data layer's own feature conversion (`get_dataset`, in order, every
+example once, the last batch padded and masked), are read once and kept in memory. Scoring
+runs on the engine's mesh with the training placement, jitted once per shape: rank
+classification over the task's label verbalizers, greedy decoding with the KV cache, or beam
+search; predictions are postprocessed by the task and fed to its metric functions, and the
+teacher-forced loss comes along. A mixture is evaluated task by task and macro-averaged.
 """
 
 from __future__ import annotations
@@ -18,50 +20,53 @@ import jax.numpy as jnp
 import numpy as np
 import seqio
 
-from jaxprompt.model import Transformer, decoding
-from jaxprompt.train.steps import ModelInputs
+from jaxprompt.config import EVAL_MODES
+from jaxprompt.model import decoding
+from jaxprompt.train.steps import LossConfig, make_eval_step
 
-MODES = ('auto', 'rank', 'greedy', 'beam')
+LOSS_METRICS = ('loss_per_token', 'token_accuracy')
+
+
+def primary_score(metrics: dict[str, float]) -> float:
+  """The task's first metric: what `metric='score'` selects on."""
+  if 'score' in metrics:
+    return metrics['score']
+  return next(v for k, v in metrics.items() if k not in LOSS_METRICS)
 
 
 @dataclasses.dataclass
-class EvalExamples:
-  """Padded, tokenised examples of one split, kept in memory (validation sets are small)."""
+class EvalData:
+  """One split of one task, tokenised by the data layer, in order, in memory."""
 
-  inputs: np.ndarray  # [N, Li] int32
-  targets: np.ndarray  # [N, Lt] int32, EOS-terminated
+  batches: list[dict[str, np.ndarray]]  # each with `example_mask`
   raw: list[dict[str, Any]]  # the preprocessed examples, for the task's postprocess_fn
-  truncated_inputs: int = 0
-  truncated_targets: int = 0
+  truncated: int
+
+  @property
+  def num_examples(self) -> int:
+    return len(self.raw)
 
 
-def _pad(seqs: Sequence[np.ndarray], length: int) -> tuple[np.ndarray, int]:
-  out = np.zeros((len(seqs), length), np.int32)
-  truncated = 0
-  for i, s in enumerate(seqs):
-    if len(s) > length:
-      truncated += 1
-      s = np.concatenate([s[:length - 1], s[-1:]])  # keep the EOS
-    out[i, :len(s)] = s
-  return out, truncated
-
-
-def load_examples(task: seqio.Task | str, split: str, feature_lengths: dict[str, int],
-                  max_examples: int | None = None) -> EvalExamples:
-  """Tokenised examples of `split`, in order, with truncation counted (never silent)."""
+def load_eval_data(task: str, split: str, feature_lengths: dict[str, int], batch_size: int,
+                   max_examples: int | None = None) -> EvalData:
+  """The examples of `split` as padded batches (same order as `eval_examples`)."""
   from jaxprompt.data.evaluation import eval_examples
-  task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
-  raw = eval_examples(task.name, split, try_in_mem_cache=False)[:max_examples]
+  from jaxprompt.data.features import EXAMPLE_MASK, get_dataset
+  raw = eval_examples(task, split, try_in_mem_cache=False)[:max_examples]
   if not raw:
-    raise ValueError(f'task {task.name}: split {split!r} has no examples')
-  inputs, ti = _pad([r['inputs'] for r in raw], feature_lengths['inputs'])
-  targets, tt = _pad([r['targets'] for r in raw], feature_lengths['targets'])
-  if ti or tt:
-    import warnings
-    warnings.warn(f'task {task.name} {split}: {ti} of {len(raw)} inputs and {tt} targets were '
-                  f'truncated to {feature_lengths}; raise the feature lengths to keep them',
-                  stacklevel=2)
-  return EvalExamples(inputs, targets, raw, ti, tt)
+    raise ValueError(f'task {task}: split {split!r} has no examples')
+  it = get_dataset(task, feature_lengths, split, batch_size, shuffle=False, num_epochs=1,
+                   try_in_mem_cache=False)
+  batches, seen = [], 0
+  for batch in it:
+    keep = np.arange(batch_size) < len(raw) - seen
+    batch[EXAMPLE_MASK] = batch[EXAMPLE_MASK] * keep
+    batch['decoder_loss_weights'] = batch['decoder_loss_weights'] * keep[:, None]
+    batches.append(batch)
+    seen += int(keep.sum())
+    if seen >= len(raw):
+      break
+  return EvalData(batches, raw, it.truncation.inputs_truncated + it.truncation.targets_truncated)
 
 
 def label_names(task: seqio.Task) -> list[str] | None:
@@ -73,100 +78,96 @@ def label_names(task: seqio.Task) -> list[str] | None:
   return list(names) if names else None
 
 
+def _pad_rows(seqs: Sequence[Sequence[int]]) -> np.ndarray:
+  out = np.zeros((len(seqs), max(len(s) for s in seqs)), np.int32)
+  for i, s in enumerate(seqs):
+    out[i, :len(s)] = s
+  return out
+
+
 class Evaluator:
-  """`evaluator(trainable) -> {metric: value}` for one task split.
+  """`evaluator(trainable) -> {metric: value}` for one task split, on the engine's mesh.
 
   Args:
-    module: the T5.
-    frozen: the frozen tree as placed by the engine.
-    model_inputs: the method's mapping `(trainable, frozen, batch) -> (params, prompt)`.
-    task: seqio task (or name).
-    examples: from `load_examples`.
-    batch_size: eval batch size (the last batch is padded and its padding ignored).
+    engine: the `jaxprompt.train.engine.Engine` (module, mesh, frozen tree, batch placement).
+    inputs: the method's evaluation mapping `(trainable, frozen, batch) -> (params, prompt)`.
+    task: a registered seqio task.
+    data: from `load_eval_data`.
     mode: 'rank' (label verbalizers), 'greedy', 'beam', or 'auto' (rank when the task has
       labels, else greedy).
-    prompt_position: where the prompt enters.
-    eval_step: the engine's teacher-forced eval step, for loss metrics (optional).
-    batch_extras: constant batch entries (e.g. `task_index` for prompt stacks).
+    batch_extras: constant batch entries (e.g. `task_index` for a prompt stack).
     ensemble: the prompt is a stack [n, P, d] of prompts for this one task; every example runs
-      with each of them in one batch and the n predictions vote (ties go to the earlier prompt).
+      with each of them in one batch and the n predictions vote (ties go to the earlier row).
   """
 
-  def __init__(self, module: Transformer, frozen, model_inputs: ModelInputs,
-               task: seqio.Task | str, examples: EvalExamples, batch_size: int = 32,
-               mode: str = 'auto', prompt_position: int = 0, eval_step: Callable | None = None,
-               num_beams: int = 4, batch_extras: dict[str, Any] | None = None,
-               ensemble: bool = False):
-    if mode not in MODES:
-      raise ValueError(f'evaluation mode {mode!r}: choose one of {MODES}')
-    self.task = seqio.get_mixture_or_task(task) if isinstance(task, str) else task
-    self.module, self.frozen, self.model_inputs = module, frozen, model_inputs
-    self.examples, self.batch_size = examples, batch_size
-    self.prompt_position, self.eval_step, self.num_beams = prompt_position, eval_step, num_beams
+  def __init__(self, engine, inputs: Callable, task: str, data: EvalData, mode: str = 'auto',
+               *, prompt_position: int = 0, loss: LossConfig = LossConfig(),
+               batch_extras: dict[str, Any] | None = None, ensemble: bool = False,
+               num_beams: int = 4):
+    if mode not in EVAL_MODES:
+      raise ValueError(f'evaluation mode {mode!r}: choose one of {EVAL_MODES}')
+    self.engine, self.inputs, self.data = engine, inputs, data
+    self.task = seqio.get_mixture_or_task(task)
+    self.prompt_position, self.num_beams, self.ensemble = prompt_position, num_beams, ensemble
     self.batch_extras = batch_extras or {}
-    self.ensemble = ensemble
     self.labels = label_names(self.task)
     self.mode = ('rank' if self.labels else 'greedy') if mode == 'auto' else mode
     if self.mode == 'rank' and not self.labels:
       raise ValueError(f'task {self.task.name} has no label verbalizers; use greedy decoding')
-    vocab = self.task.output_features['targets'].vocabulary
-    self.vocab = vocab
+    self.vocab = self.task.output_features['targets'].vocabulary
+    self.label_tokens = None
     if self.labels:
-      ids = [list(vocab.encode(label)) + [vocab.eos_id] for label in self.labels]
-      self.label_tokens = _pad([np.asarray(i) for i in ids], max(len(i) for i in ids))[0]
+      self.label_tokens = jnp.asarray(_pad_rows(
+          [list(self.vocab.encode(label)) + [self.vocab.eos_id] for label in self.labels]))
+    self._loss_step = None if ensemble else engine.jit(
+        make_eval_step(engine.module, inputs, loss, prompt_position))
 
-  def _batches(self):
-    n = len(self.examples.inputs)
-    for start in range(0, n, self.batch_size):
-      idx = np.arange(start, min(start + self.batch_size, n))
-      pad = self.batch_size - len(idx)
-      take = np.concatenate([idx, np.zeros(pad, np.int64)]) if pad else idx
-      targets = self.examples.targets[take]
-      batch = {
-          'encoder_input_tokens': self.examples.inputs[take],
-          'decoder_target_tokens': targets,
-          'decoder_input_tokens': np.pad(targets[:, :-1], ((0, 0), (1, 0))),
-          'decoder_loss_weights': (targets > 0).astype(np.float32) *
-                                  (np.arange(len(take)) < len(idx))[:, None],
-      }
-      for k, v in self.batch_extras.items():
-        batch[k] = np.full((len(take),) + np.shape(v), v)
-      yield idx, batch
+  def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    from jaxprompt.data.features import EXAMPLE_MASK
+    size = len(batch[EXAMPLE_MASK])
+    out = {k: v for k, v in batch.items() if k != EXAMPLE_MASK}
+    for k, v in self.batch_extras.items():
+      out[k] = np.full((size,) + np.shape(v), v)
+    return self.engine.put_full_batch(out)
 
   @functools.cached_property
   def _predict(self):
-    module, position = self.module, self.prompt_position
-    max_len = self.examples.targets.shape[1]
+    module, position, mode = self.engine.module, self.prompt_position, self.mode
+    inputs, ensemble, num_beams = self.inputs, self.ensemble, self.num_beams
+    max_len = self.data.batches[0]['decoder_target_tokens'].shape[1]
 
     def predict(trainable, frozen, batch, label_tokens):
-      params, prompt = self.model_inputs(trainable, frozen, batch)
+      params, prompt = inputs(trainable, frozen, batch)
       tokens = batch['encoder_input_tokens']
-      if self.ensemble:  # [B, L] x [n, P, d] -> rows b * n + i run example b with prompt i
+      if ensemble:  # [B, L] x [n, P, d] -> rows b * n + i run example b with prompt i
         n = prompt.shape[0]
         tokens = jnp.repeat(tokens, n, axis=0)
         prompt = jnp.tile(prompt, (batch['encoder_input_tokens'].shape[0], 1, 1))
-      if self.mode == 'rank':
+      if mode == 'rank':
         return jnp.argmax(decoding.rank_classify(module, params, tokens, label_tokens, prompt,
                                                  position), axis=-1)
-      if self.mode == 'beam':
-        return decoding.beam_search(module, params, tokens, max_len, self.num_beams,
+      if mode == 'beam':
+        return decoding.beam_search(module, params, tokens, max_len, num_beams,
                                     prompt=prompt, prompt_position=position)[0][:, 0]
       return decoding.greedy_decode(module, params, tokens, max_len, prompt, position)
 
-    return jax.jit(predict)
+    return self.engine.jit(predict)
 
   def predictions(self, trainable) -> list[str]:
     """Predicted texts (label verbalizers or decoded generations), one per example, in order."""
+    from jaxprompt.data.features import EXAMPLE_MASK
     out: list[str] = []
-    label_tokens = jnp.asarray(self.label_tokens) if self.labels else None
-    for idx, batch in self._batches():
-      pred = np.asarray(self._predict(trainable, self.frozen, batch, label_tokens))
+    for batch in self.data.batches:
+      size = len(batch[EXAMPLE_MASK])
+      pred = np.asarray(jax.device_get(self._predict(trainable, self.engine.frozen,
+                                                     self._device_batch(batch),
+                                                     self.label_tokens)))
       texts = [self.labels[int(p)] if self.mode == 'rank' else self._decode(p) for p in pred]
       if self.ensemble:
-        n = len(texts) // self.batch_size
+        n = len(texts) // size
         texts = [collections.Counter(texts[b * n:(b + 1) * n]).most_common(1)[0][0]
-                 for b in range(self.batch_size)]
-      out.extend(texts[:len(idx)])
+                 for b in range(size)]
+      out.extend(t for t, keep in zip(texts, batch[EXAMPLE_MASK]) if keep)
     return out
 
   def _decode(self, tokens: np.ndarray) -> str:
@@ -179,13 +180,53 @@ class Evaluator:
     from jaxprompt.data.evaluation import compute_metrics
     texts = self.predictions(trainable)
     metrics = {k: float(v) for k, v in
-               compute_metrics(self.task.name, self.examples.raw, texts, self.task).items()}
-    if self.eval_step is not None:
+               compute_metrics(self.task.name, self.data.raw, texts, self.task).items()}
+    if self._loss_step is not None:
       sums = {'loss': 0.0, 'weight_sum': 0.0, 'num_correct': 0.0}
-      for _, batch in self._batches():
-        m = jax.device_get(self.eval_step(trainable, self.frozen, batch))
+      for batch in self.data.batches:
+        m = jax.device_get(self._loss_step(trainable, self.engine.frozen,
+                                           self._device_batch(batch)))
         for k in sums:
           sums[k] += float(m[k])
       metrics['loss_per_token'] = sums['loss'] / max(sums['weight_sum'], 1e-9)
       metrics['token_accuracy'] = 100.0 * sums['num_correct'] / max(sums['weight_sum'], 1e-9)
     return metrics
+
+
+class Validation:
+  """Every task of a run (one, or each member of a mixture): `validation(trainable)` gives
+  the task's metrics plus 'score' (its first metric); for several tasks, `TASK/metric` for
+  each and their macro-averaged 'score' and loss."""
+
+  def __init__(self, evaluators: dict[str, Evaluator]):
+    self.evaluators = evaluators
+
+  def __call__(self, trainable) -> dict[str, float]:
+    per_task = {name: ev(trainable) for name, ev in self.evaluators.items()}
+    if len(per_task) == 1:
+      (metrics,) = per_task.values()
+      return {'score': primary_score(metrics), **metrics}
+    out = {'score': float(np.mean([primary_score(m) for m in per_task.values()]))}
+    losses = [m['loss_per_token'] for m in per_task.values() if 'loss_per_token' in m]
+    if losses:
+      out['loss_per_token'] = float(np.mean(losses))
+    for name, metrics in per_task.items():
+      out.update({f'{name}/{k}': v for k, v in metrics.items()})
+    return out
+
+
+def build_validation(engine, method, tasks: Sequence[str], split: str,
+                     feature_lengths: dict[str, int], batch_size: int, mode: str = 'auto',
+                     max_examples: int | None = None, prompt_position: int = 0,
+                     loss: LossConfig = LossConfig()) -> Validation:
+  """A `Validation` of `method`'s trainable on each of `tasks` (task i uses the method's
+  `eval_extras(i)`, e.g. its row of a prompt stack)."""
+  size = engine.data_parallel_size
+  batch_size = -(-batch_size // size) * size  # a multiple of the data axis
+  evaluators = {}
+  for i, task in enumerate(tasks):
+    data = load_eval_data(task, split, feature_lengths, batch_size, max_examples)
+    evaluators[task] = Evaluator(engine, method.eval_inputs, task, data, mode,
+                                 prompt_position=prompt_position, loss=loss,
+                                 batch_extras=method.eval_extras(i), ensemble=method.ensemble)
+  return Validation(evaluators)

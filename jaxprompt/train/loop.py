@@ -41,6 +41,7 @@ class LoopConfig:
   higher_is_better: bool = False
   patience: int | None = None
   progress: bool = True
+  writer: bool = True  # this process writes the run's logs and plot (process 0 of a multi-host run)
 
   def __post_init__(self):
     for name in ('train_steps', 'eval_period', 'log_period'):
@@ -86,7 +87,7 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
   """
   checkpoints = Checkpointer(os.path.join(model_dir, 'checkpoints'), config.keep_checkpoints)
   best = Checkpointer(os.path.join(model_dir, 'best'), 1)
-  log = MetricsLog(model_dir)
+  log = MetricsLog(model_dir) if config.writer else None
   meta: dict[str, Any] = {'best_step': None, 'best_metrics': None, 'bad_evals': 0, 'evals': []}
   if checkpoints.latest_step() is not None:
     state, meta = checkpoints.restore(state)
@@ -96,7 +97,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
   def run_eval(step: int) -> bool:
     """Evaluates, records the best; returns True when early stopping should stop the run."""
     metrics = {k: float(v) for k, v in evaluate(state.trainable).items()}
-    log.write(step, 'eval', metrics)
+    if log is not None:
+      log.write(step, 'eval', metrics)
     meta['evals'].append({'step': step, **metrics})
     if config.metric not in metrics:
       raise KeyError(f'validation metric {config.metric!r} not among {sorted(metrics)}; '
@@ -115,7 +117,7 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     run_eval(0)
 
   progress = None
-  if config.progress and step < config.train_steps:
+  if config.progress and config.writer and step < config.train_steps:
     from tqdm.auto import tqdm
     progress = tqdm(total=config.train_steps, initial=step, desc='train', unit='step',
                     dynamic_ncols=True, file=sys.stderr)
@@ -151,7 +153,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
              'accuracy': summed['num_correct'] / max(summed['weight_sum'], 1e-9),
              'z_loss': summed['z_loss'] / len(host), 'grad_norm': float(host[-1]['grad_norm']),
              'steps_per_sec': rate}
-      log.write(step, 'train', row)
+      if log is not None:
+        log.write(step, 'train', row)
       if progress is not None:
         progress.set_postfix(loss=f'{row["loss_per_token"]:.4f}', steps_s=f'{rate:.2f}')
     if progress is not None:
@@ -169,8 +172,10 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
   checkpoints.save(step, state, meta)
   checkpoints.close()
   best.close()
-  log.close()
-  plot = plot_run(model_dir, metric=config.metric if evaluate else None)
+  plot = None
+  if log is not None:
+    log.close()
+    plot = plot_run(model_dir, metric=config.metric if evaluate else None)
   return LoopResult(state, step, meta['best_step'], meta['best_metrics'], meta['evals'],
                     stopped_early, plot)
 

@@ -182,3 +182,19 @@ def masked_trainable(
 
   return optax.multi_transform(
       {'train': tx, 'freeze': optax.set_to_zero()}, labels)
+
+
+def per_row(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """`tx` applied to every row (leading axis) of every leaf on its own: a stack of n prompts
+  gets n independent optimizer states, so Adafactor's factored statistics, its update
+  clipping and its step never mix rows (each row gets the update it would get alone)."""
+
+  def init(params):
+    return jax.vmap(tx.init)(params)
+
+  def update(updates, state, params=None):
+    if params is None:
+      return jax.vmap(lambda u, s: tx.update(u, s))(updates, state)
+    return jax.vmap(tx.update)(updates, state, params)
+
+  return optax.GradientTransformation(init, update)
