@@ -419,6 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
                   help="base_model_name_or_path for PEFT (default: the prompt's backbone)")
   ex.add_argument('--overwrite', action='store_true', help='replace an existing --out')
 
+  from jaxprompt.methods import commands
+  for name, command in sorted(commands().items()):
+    command.add_arguments(sub.add_parser(name, help=command.help))
+
   lab = sub.add_parser('lab', help="the lab: a small pretrained backbone and related tasks")
   lab_sub = lab.add_subparsers(dest='lab_command', required=True)
   b = lab_sub.add_parser('build', help='train (or reuse) the lab backbone')
@@ -454,7 +458,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _info_command(args)
     if args.command == 'export':
       return _export_command(args)
-    return _lab_command(args)
+    if args.command == 'lab':
+      return _lab_command(args)
+    from jaxprompt.methods import commands
+    return commands()[args.command].run(args)
   except Exception as e:  # one line for the user; --debug for the traceback
     if args.debug or os.environ.get('JAXPROMPT_DEBUG'):
       raise

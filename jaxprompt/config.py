@@ -18,6 +18,7 @@ from typing import Any, Mapping
 PROMPT_INITS = ('class_labels', 'sampled_vocab', 'uniform', 'uniform_positive', 'text', 'file')
 PROMPT_POSITIONS = ('prefix', 'prefix_after_bos', 'suffix')
 EVAL_MODES = ('auto', 'rank', 'greedy', 'beam')
+LENGTH_MISMATCH = ('error', 'truncate', 'tile')  # what init_from does with another length
 # Used when neither the user nor the task says (lab and file tasks know their own lengths).
 FALLBACK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 16}
 FALLBACK_PROMPT_LENGTH = 100  # the paper's
@@ -42,6 +43,9 @@ HELP = {
     'prompt_init_text': "the text of --prompt_init text",
     'prompt_init_file': 'prompt file (or PEFT adapter directory) of --prompt_init file',
     'prompt_position': 'where the prompt enters: ' + ', '.join(PROMPT_POSITIONS),
+    'init_from': 'initialise the prompt from a source (transfer, SPoT): a prompt file, a PEFT '
+                 'adapter directory or LIBRARY_DIR:TASK',
+    'init_length_mismatch': 'a source prompt of another length: ' + ', '.join(LENGTH_MISMATCH),
     'train_steps': 'training steps', 'batch_size': 'global batch size',
     'learning_rate': "the method's by default (0.3 for prompts, 1e-3 for model tuning)",
     'weight_decay': "the method's by default (1e-5 for prompts)",
@@ -93,6 +97,8 @@ class RunConfig:
   prompt_init_text: str | None = None
   prompt_init_file: str | None = None
   prompt_position: str = 'prefix'
+  init_from: str | None = None  # transfer: a prompt file, PEFT adapter dir or LIBRARY_DIR:TASK
+  init_length_mismatch: str = 'error'
   # training
   train_steps: int = 30000
   batch_size: int = 32
@@ -140,7 +146,8 @@ class RunConfig:
     if self.dropout_rate is not None and self.dropout_rate >= 1:
       raise ConfigError(f'{option_names("dropout_rate")} must be below 1, got {self.dropout_rate}')
     for name, choices in (('prompt_init', PROMPT_INITS), ('prompt_position', PROMPT_POSITIONS),
-                          ('eval_mode', EVAL_MODES)):
+                          ('eval_mode', EVAL_MODES),
+                          ('init_length_mismatch', LENGTH_MISMATCH)):
       check_choice(name, getattr(self, name), choices)
     if self.feature_lengths is not None:
       lengths = dict(self.feature_lengths)

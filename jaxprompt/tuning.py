@@ -115,7 +115,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
   manifest = dict(
       method=method.name, backbone=bb.fingerprint, backbone_path=bb.path, task=task,
       seed=config.seed, batch_size=config.batch_size, train_steps=config.train_steps,
-      prompt_init=config.prompt_init, prompt_position=config.prompt_position,
+      prompt_init=config.prompt_init, init_from=config.init_from,
+      prompt_position=config.prompt_position,
       feature_lengths=config.feature_lengths, learning_rate=config.learning_rate,
       t5_config=bb.module.config.to_dict(), jaxprompt_version=__version__,
       **method.identity(ctx))
@@ -144,7 +145,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
     return map(strip, itertools.islice(it, start, None))
 
   product_meta = dict(backbone=bb.name, backbone_fingerprint=bb.fingerprint, task=task,
-                      tasks=list(ctx.tasks), init=config.prompt_init,
+                      tasks=list(ctx.tasks),
+                      init=f'from {config.init_from}' if config.init_from else config.prompt_init,
                       position=config.prompt_position, t5_config=bb.module.config.to_dict())
   best_stem = os.path.join(model_dir, 'model_best' if method.trains_backbone else 'prompt_best')
   best_path: list[str] = []

@@ -1,13 +1,19 @@
 """Methods: one file each, behind the contract of `jaxprompt.methods.base.Method`.
 
-`get_method(name)` returns a registered method; `register(cls)` adds one (a decorator). The
-run driver, the CLI, gin, the manifest, checkpointing, export and evaluation find a method
-here by name and need no edit for a new one.
+Every module of this package is imported on first use; a module registers its methods with
+`@register` and may offer command-line subcommands in a `COMMANDS` dict
+(`{name: Command(help, add_arguments, run)}`), which `jaxprompt NAME ...` picks up. The run
+driver, the CLI, gin, the manifest, checkpointing, export and evaluation find a method here by
+name: adding a method is adding a file.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import importlib
+import pkgutil
+from typing import Callable
 
 from jaxprompt.methods.base import Context, Method, NoOptions
 
@@ -36,10 +42,34 @@ def method_names() -> list[str]:
   return sorted(_REGISTRY)
 
 
-def _load_builtin() -> None:
-  # The built-in methods register themselves on import.
-  from jaxprompt.methods import (model_tuning, prompt_ensemble, prompt_stack,  # noqa: F401
-                                 prompt_tuning)
+@dataclasses.dataclass(frozen=True)
+class Command:
+  """A `jaxprompt NAME` subcommand a method module offers: it only parses and calls."""
+
+  help: str
+  add_arguments: Callable  # (argparse parser) -> None
+  run: Callable  # (parsed args) -> exit code
 
 
-__all__ = ['Context', 'Method', 'NoOptions', 'get_method', 'method_names', 'register']
+def commands() -> dict[str, Command]:
+  """Every method module's `COMMANDS`."""
+  out: dict[str, Command] = {}
+  for module in _load_builtin():
+    out.update(getattr(module, 'COMMANDS', {}))
+  return out
+
+
+_MODULES: list = []
+
+
+def _load_builtin() -> list:
+  """Imports every module of this package once (they register themselves)."""
+  if not _MODULES:
+    for info in pkgutil.iter_modules(__path__):
+      if info.name != 'base' and not info.name.startswith('_'):
+        _MODULES.append(importlib.import_module(f'{__name__}.{info.name}'))
+  return _MODULES
+
+
+__all__ = ['Command', 'Context', 'Method', 'NoOptions', 'commands', 'get_method', 'method_names',
+           'register']

@@ -29,19 +29,50 @@ def make_prompt_init(kind: str, embedding, vocabulary=None, labels=None, scale: 
   if kind == 'text':
     return initializers.text(embedding, list(vocabulary.encode(text)))
   if kind == 'file':
-    pf = read_prompt(file)
-    check_compatible(pf, embedding.shape[-1], backbone, path=file)
-    value = pf.masked_value()
-    if length is not None and value.shape[-2] != length:
-      raise ValueError(f'{file}: prompt length {value.shape[-2]} differs from the run\'s '
-                       f'prompt length {length}; set --prompt_length {value.shape[-2]}')
-    return initializers.from_array(value)
+    return initializers.from_array(source_prompt(file, embedding.shape[-1], backbone, length))
   raise ValueError(f'unknown prompt init {kind!r}')
 
 
+def resolve_source(spec: str) -> str:
+  """A prompt source: a prompt file, a PEFT adapter directory, or `LIBRARY_DIR:TASK` (the
+  library's prompt of TASK; see `jaxprompt.methods.library`) -> a path `read_prompt` reads."""
+  import os
+  directory, sep, task = spec.rpartition(':')
+  if sep and directory and os.path.isdir(directory) and not os.path.exists(spec):
+    from jaxprompt.methods.library import prompt_path
+    return prompt_path(directory, task)
+  return spec
+
+
+def source_prompt(spec: str, width: int, backbone=None, length: int | None = None,
+                  mismatch: str = 'error'):
+  """The [P, d] value of a source prompt, fitted to `length` as `mismatch` says ('error',
+  'truncate' to the first positions, or 'tile' the source's rows cyclically)."""
+  import numpy as np
+  path = resolve_source(spec)
+  pf = read_prompt(path)
+  check_compatible(pf, width, backbone, path=path)
+  value = np.asarray(pf.masked_value())
+  if value.ndim != 2:
+    raise ValueError(f'{path}: holds a stack of {value.shape[0]} prompts; a source is one prompt')
+  if length is None or value.shape[0] == length:
+    return value
+  if mismatch == 'truncate' and value.shape[0] > length:
+    return value[:length]
+  if mismatch == 'tile':
+    return value[np.arange(length) % value.shape[0]]
+  raise ValueError(f'{path}: source prompt length {value.shape[0]} differs from the run\'s '
+                   f'prompt length {length}; set --prompt_length {value.shape[0]} or '
+                   '--init_length_mismatch truncate (when longer) / tile')
+
+
 def prompt_initializer(ctx):
-  """The initialiser of a run's `Context` (jaxprompt.methods.base)."""
+  """The initialiser of a run's `Context` (jaxprompt.methods.base): `init_from` (transfer) when
+  given, else `prompt_init`."""
   c = ctx.config
+  if c.init_from:
+    return initializers.from_array(source_prompt(c.init_from, ctx.width, ctx.backbone,
+                                                 c.prompt_length, c.init_length_mismatch))
   return make_prompt_init(c.prompt_init, ctx.embedding, ctx.vocabulary, ctx.labels,
                           c.prompt_init_scale, c.prompt_init_text, c.prompt_init_file,
                           backbone=ctx.backbone, length=c.prompt_length)
