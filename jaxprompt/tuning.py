@@ -49,6 +49,7 @@ class TuneResult:
   trainable: Any = dataclasses.field(repr=False, default=None)
   best_model_path: str | None = None  # model tuning: a T5X checkpoint of the best weights
   backbone: Backbone | None = dataclasses.field(repr=False, default=None)
+  opt_state: Any = dataclasses.field(repr=False, default=None)
 
 
 def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
@@ -182,7 +183,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
   return TuneResult(model_dir, result.step, result.best_step, result.best_metrics,
                     summary['initial_metrics'], final_metrics, final_path,
                     None if method.trains_backbone else best, result.plot,
-                    result.state.trainable, best if method.trains_backbone else None, bb)
+                    result.state.trainable, best if method.trains_backbone else None, bb,
+                    result.state.opt_state)
 
 
 def load_backbone(backbone, config=None, dropout_rate: float | None = None):

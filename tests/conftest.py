@@ -6,6 +6,12 @@ import os
 import pathlib
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Many tests build the same tiny programs in fresh closures: a persistent compilation cache
+# compiles each once (and across runs). Subprocesses the tests start inherit it.
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
+    os.environ.get('TMPDIR', '/tmp'), f'jaxprompt_test_xla_cache_{os.getuid()}'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
@@ -45,9 +51,17 @@ def tiny_params(request) -> tuple[T5Config, dict]:
   return config, random_params(config, seed=1 if request.param == 'gated' else 2)
 
 
+def require_t5x_fixtures() -> pathlib.Path:
+  """The real T5X fixtures (`../shared/fixtures/t5x`). Absent, the test skips; with
+  JAXPROMPT_REQUIRE_FIXTURES=1 (CI, which has ../shared) it fails instead."""
+  if not T5X_FIXTURES.is_dir():
+    message = f'T5X fixtures not found at {T5X_FIXTURES}'
+    if os.environ.get('JAXPROMPT_REQUIRE_FIXTURES') == '1':
+      pytest.fail(message + ' (JAXPROMPT_REQUIRE_FIXTURES=1)')
+    pytest.skip(message)
+  return T5X_FIXTURES
+
+
 @pytest.fixture
 def t5x_fixtures() -> pathlib.Path:
-  """The real T5X fixtures (`../shared/fixtures/t5x`); skips when absent."""
-  if not T5X_FIXTURES.is_dir():
-    pytest.skip(f'T5X fixtures not found at {T5X_FIXTURES}')
-  return T5X_FIXTURES
+  return require_t5x_fixtures()

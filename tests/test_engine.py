@@ -175,6 +175,30 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tmp_path, backbone):
   del p0
 
 
+@pytest.mark.parametrize('cause', ['nan_in_backbone', 'overflowing_update'])
+def test_nonfinite_step_leaves_the_state_unchanged(backbone, cause):
+  """Fails if the guard in the step is removed: the bad update would be applied."""
+  module, params = backbone
+  frozen, lr = params, 0.3
+  if cause == 'nan_in_backbone':
+    frozen = jax.tree_util.tree_map(lambda x: x, params)
+    kernel = params['decoder']['logits_dense']['kernel']
+    frozen['decoder']['logits_dense']['kernel'] = kernel.at[0, 0].set(jnp.nan)
+  else:  # finite loss and gradients, but the update overflows float32
+    lr = 1e39
+  eng, state = build_engine(module, steps.prompt_inputs, t5x_adafactor(learning_rate=lr),
+                            {'backbone': frozen}, _prompt())
+  before = np.array(get_prompt(state.trainable))
+  opt_before = [np.array(x) for x in jax.tree_util.tree_leaves(state.opt_state)]
+  state, metrics = eng.train_step(state, eng.frozen, eng.put_batch(make_batch(0)),
+                                  jax.random.PRNGKey(0))
+  assert bool(metrics['nonfinite'])
+  assert int(state.step) == 0
+  np.testing.assert_array_equal(np.array(get_prompt(state.trainable)), before)
+  for a, b in zip(opt_before, jax.tree_util.tree_leaves(state.opt_state)):
+    np.testing.assert_array_equal(a, np.array(b))
+
+
 def test_run_directory_of_another_run_is_refused(tmp_path):
   d = str(tmp_path / 'run')
   m = {'method': 'prompt_tuning', 'backbone': '/a', 'task': 't', 'prompt_length': 5, 'seed': 0,

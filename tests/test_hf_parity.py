@@ -78,7 +78,7 @@ def _hf_greedy(model, steps: int, eos_id: int) -> np.ndarray:
 @pytest.mark.parametrize('config,seed', [(TINY_GATED, 6), (TINY_RELU, 8)],
                          ids=['t5_1_1_gated', 't5_1_0_tied'])
 def test_greedy_decoding_matches_transformers(tmp_path, config, seed):
-  decoding = pytest.importorskip('jaxprompt.model.decoding')
+  from jaxprompt.model import decoding
   steps = 8
   save_hf(random_params(config, seed=seed), config, tmp_path)
   model = transformers.T5ForConditionalGeneration.from_pretrained(

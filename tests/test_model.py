@@ -125,6 +125,31 @@ def test_sown_ffn_pre_activations(tiny):
   assert not isinstance(plain, tuple)  # nothing recorded unless asked
 
 
+def test_sown_ffn_pre_activations_equal_a_hand_computation(tiny):
+  """With layer 0's attention outputs zeroed, the FFN input of layer 0 is the RMS-normed
+  (prompted) embedding, so its first projection can be computed by hand in numpy."""
+  module, params = tiny
+  params = jax.tree_util.tree_map(np.array, params)
+  params['encoder']['layers_0']['attention']['out']['kernel'][:] = 0
+  for name in ('self_attention', 'encoder_decoder_attention'):
+    params['decoder']['layers_0'][name]['out']['kernel'][:] = 0
+  enc, dec, tgt = _batch()
+  prompt = np.random.RandomState(4).normal(size=(2, 32)).astype(np.float32)
+  _, state = module.apply({'params': params}, enc, dec, tgt, enable_dropout=False,
+                          prompt=prompt, mutable=['intermediates'])
+  emb = params['token_embedder']['embedding']
+
+  def by_hand(x, layer):
+    normed = x / np.sqrt(np.mean(x ** 2, axis=-1, keepdims=True) + 1e-6)
+    return (normed * layer['pre_mlp_layer_norm']['scale']) @ layer['mlp']['wi_0']['kernel']
+
+  enc_x = np.concatenate([np.broadcast_to(prompt, (3, 2, 32)), emb[enc]], axis=1)
+  got = np.asarray(state['intermediates']['encoder']['layers_0']['mlp']['mlp_pre_activation'][0])
+  np.testing.assert_allclose(got, by_hand(enc_x, params['encoder']['layers_0']), atol=1e-5)
+  got = np.asarray(state['intermediates']['decoder']['layers_0']['mlp']['mlp_pre_activation'][0])
+  np.testing.assert_allclose(got, by_hand(emb[dec], params['decoder']['layers_0']), atol=1e-5)
+
+
 def test_dropout_is_active_only_when_enabled():
   cfg = get_config('t5_1_1_tiny', dropout_rate=0.3)
   module, params = Transformer(cfg), init_params(cfg, 0)

@@ -1,6 +1,5 @@
 """Tests for jaxprompt.train.optimizers: T5X parity, paper parity, contract."""
 
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +9,7 @@ import pytest
 
 from jaxprompt.train.optimizers import masked_trainable, t5x_adafactor
 
-_REPO = pathlib.Path(__file__).resolve().parents[1]
-_TRACE = _REPO / '..' / 'shared' / 'fixtures' / 't5x' / 'adafactor_prompt_trace.npz'
+from conftest import require_t5x_fixtures
 
 
 def _run(tx, initial, grads):
@@ -28,9 +26,7 @@ def _run(tx, initial, grads):
 
 @pytest.fixture(scope='module')
 def trace():
-  if not _TRACE.exists():
-    pytest.skip(f'T5X fixture not found: {_TRACE}')
-  with np.load(_TRACE) as f:
+  with np.load(require_t5x_fixtures() / 'adafactor_prompt_trace.npz') as f:
     return {k: f[k] for k in f.files}
 
 

@@ -56,8 +56,9 @@ def resolve_backbone_path(path: str) -> str:
     from jaxprompt.lab import backbone as lab_backbone
     preset = path.partition(':')[2] or None
     kwargs = {'preset': preset} if preset else {}
-    ckpt = lab_backbone.build(**kwargs)
-    return ckpt
+    if os.environ.get('JAXPROMPT_LAB_STEPS'):  # a quicker, smaller build (tests, quick looks)
+      kwargs['steps'] = int(os.environ['JAXPROMPT_LAB_STEPS'])
+    return lab_backbone.build(**kwargs)
   if '://' in path:
     return path
   return os.path.abspath(os.path.expanduser(path))

@@ -36,11 +36,12 @@ def run_demo(steps: int | None = None, model_dir: str | None = None, progress: b
                 feature_lengths=SEQUENCE_LENGTH, eval_period=50, progress=progress)
   before = result.initial_metrics['accuracy']
   after = result.best_metrics['accuracy']
-  print(f'\n{task}: validation accuracy {before:.1f}% before tuning -> {after:.1f}% '
-        f'(best, step {result.best_step})')
+  print(f'\n{task}: validation accuracy {before:.1f}% with the initialised (untrained) prompt '
+        f'-> {after:.1f}% after tuning (best, step {result.best_step})')
   print(f'run directory: {result.model_dir}')
   print(f'prompt file:   {result.best_prompt_path}')
   print(f'metrics log:   {os.path.join(result.model_dir, "metrics.jsonl")}')
   print(f'loss plot:     {result.plot_path}')
-  print('\n' + REAL_RUN)
+  print(f'\nNext: jaxprompt eval --task {task} --backbone lab --prompt {result.best_prompt_path}')
+  print(REAL_RUN)
   return result

@@ -128,6 +128,12 @@ class Method:
                        f'{self.name} takes one [P, d] prompt')
     return prompt_lib.prompt_tree(np.asarray(pf.masked_value())), {}
 
+  # ---- testing ----
+  def contract_options(self) -> dict[str, Any]:
+    """Options that let the contract suite (tests/test_methods_contract.py) run this method
+    on a tiny backbone and file task, e.g. a method option that has no default."""
+    return {}
+
   # ---- evaluation ----
   def eval_extras(self, task_index: int) -> dict[str, Any]:
     """Constant batch entries when evaluating the `task_index`-th task of the run."""

@@ -85,6 +85,12 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def delete(self, step: int) -> None:
+    self._manager.delete(step)
+
   def restore(self, state_like, step: int | None = None):
     """Restores into the structure (and shardings) of `state_like`; returns (state, meta)."""
     step = self.latest_step() if step is None else step

@@ -93,9 +93,11 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     state, meta = checkpoints.restore(state)
     print(f'resuming {model_dir} from step {int(state.step)}', file=sys.stderr)
   step = int(state.step)
+  if log is not None:
+    log.truncate(step)
 
-  def run_eval(step: int) -> bool:
-    """Evaluates, records the best; returns True when early stopping should stop the run."""
+  def run_eval(step: int) -> tuple[bool, bool]:
+    """Evaluates and records the best in `meta`: (stop early?, is this the best so far?)."""
     metrics = {k: float(v) for k, v in evaluate(state.trainable).items()}
     if log is not None:
       log.write(step, 'eval', metrics)
@@ -104,17 +106,33 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
       raise KeyError(f'validation metric {config.metric!r} not among {sorted(metrics)}; '
                      'set the selection metric to one of them')
     best_value = None if meta['best_metrics'] is None else meta['best_metrics'][config.metric]
-    if _is_better(metrics[config.metric], best_value, config.higher_is_better):
+    is_best = _is_better(metrics[config.metric], best_value, config.higher_is_better)
+    if is_best:
       meta.update(best_step=step, best_metrics=metrics, bad_evals=0)
-      best.save(step, state, {'metrics': metrics})
-      if on_best is not None:
-        on_best(state.trainable, step, metrics)
     else:
       meta['bad_evals'] += 1
-    return config.patience is not None and meta['bad_evals'] >= config.patience
+    return config.patience is not None and meta['bad_evals'] >= config.patience, is_best
+
+  def save(step: int, is_best: bool) -> None:
+    # The periodic checkpoint first: a best checkpoint or product never runs ahead of the
+    # checkpoint a resumed run starts from.
+    checkpoints.save(step, state, meta)
+    if is_best:
+      best.save(step, state, {'metrics': meta['best_metrics']})
+      if on_best is not None:
+        on_best(state.trainable, step, meta['best_metrics'])
+
+  # A run killed after its last checkpoint may have left a best beyond it: drop it, and
+  # re-export the best when it is the state just restored.
+  for later in [s for s in best.all_steps() if s > step]:
+    best.delete(later)
+  if meta['best_step'] == step and step not in best.all_steps() and step > 0:
+    best.save(step, state, {'metrics': meta['best_metrics']})
+    if on_best is not None:
+      on_best(state.trainable, step, meta['best_metrics'])
 
   if evaluate is not None and step == 0 and not meta['evals']:
-    run_eval(0)
+    save(0, run_eval(0)[1])
 
   progress = None
   if config.progress and config.writer and step < config.train_steps:
@@ -160,9 +178,10 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     if progress is not None:
       progress.update(1)
     if step % config.eval_period == 0 or step == config.train_steps:
+      is_best = False
       if evaluate is not None:
-        stopped_early = run_eval(step)
-      checkpoints.save(step, state, meta)
+        stopped_early, is_best = run_eval(step)
+      save(step, is_best)
       if stopped_early:
         print(f'early stopping at step {step}: no improvement of {config.metric} in '
               f'{config.patience} evaluations', file=sys.stderr)

@@ -71,13 +71,17 @@ def _forward(module: Transformer, model_inputs: ModelInputs, trainable, frozen, 
                       prompt_position=prompt_position, rngs=rngs)
 
 
+def _all_finite(tree) -> jax.Array:
+  return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
+
+
 def make_train_step(module: Transformer, model_inputs: ModelInputs,
                     tx: optax.GradientTransformation, loss: LossConfig = LossConfig(),
                     prompt_position: int = 0, dropout: bool = True):
   """Returns `train_step(state, frozen, batch, rng) -> (state, metrics)` (pure; jit it).
 
-  A non-finite loss or gradient leaves the state unchanged and sets `metrics['nonfinite']`,
-  so the caller can stop with the last good state.
+  A non-finite loss, gradient or updated trainable leaves the state unchanged (step included)
+  and sets `metrics['nonfinite']`, so the caller can stop with the last good state.
   """
 
   def loss_fn(trainable, frozen, batch, rng):
@@ -92,15 +96,18 @@ def make_train_step(module: Transformer, model_inputs: ModelInputs,
     step_rng = jax.random.fold_in(rng, state.step)
     (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.trainable, frozen, batch, step_rng)
-    finite = jnp.isfinite(value) & jnp.all(jnp.array(
-        [jnp.all(jnp.isfinite(g)) for g in jax.tree_util.tree_leaves(grads)]))
+    finite = jnp.isfinite(value) & _all_finite(grads)
 
     def apply(state):
       updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-      return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
+      new = TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
+      # An update can overflow even from finite gradients (a huge learning rate): keep the old
+      # state then too.
+      return jax.lax.cond(_all_finite(new.trainable), lambda: new, lambda: state)
 
     # A branch rather than a per-leaf select: the skipped update is never computed.
     new_state = jax.lax.cond(finite, apply, lambda state: state, state)
+    finite = finite & (new_state.step > state.step)
     metrics = dict(metrics, nonfinite=~finite, grad_norm=optax.global_norm(grads))
     return new_state, metrics
 

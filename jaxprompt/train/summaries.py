@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,27 @@ class MetricsLog:
     if split in self._writers:
       self._writers[split].write_scalars(int(step), scalars)
       self._writers[split].flush()
+
+  def truncate(self, step: int) -> None:
+    """Drops the rows after `step` (a resumed run recomputes them) and a torn last line."""
+    if not os.path.exists(self.path):
+      return
+    kept, torn = [], 0
+    with open(self.path) as f:
+      for line in f:
+        try:
+          row = json.loads(line)
+        except json.JSONDecodeError:
+          torn += 1
+          continue
+        if row.get('step', 0) <= step:
+          kept.append(line if line.endswith('\n') else line + '\n')
+    if torn:
+      print(f'jaxprompt: warning: {self.path}: dropped {torn} torn line(s)', file=sys.stderr)
+    tmp = self.path + '.tmp'
+    with open(tmp, 'w') as f:
+      f.writelines(kept)
+    os.replace(tmp, self.path)
 
   def close(self) -> None:
     for w in self._writers.values():
