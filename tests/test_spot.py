@@ -152,7 +152,7 @@ def test_sources_library_transfer_and_ranking_end_to_end(tiny, capsys):
   root, tasks = tiny['root'], tiny['tasks']
   library = str(root / 'library')
   r = spot.train_sources(tasks[:2], library, tiny['ckpt'], str(root / 'sources'),
-                         train_steps=6, batch_size=8, eval_period=2, embedding_steps=2,
+                         train_steps=4, batch_size=8, eval_period=2, embedding_steps=2,
                          **COMMON)
   entries = lib.entries(library)
   assert sorted(entries) == sorted(tasks[:2])
@@ -247,8 +247,8 @@ def test_spot_gin_run_files_parse_and_run_one_step(run_file, tiny, capsys):
     lib.add(library, np.random.RandomState(5).normal(size=(3, 32)), task='gin_source')
   prompt = f'{library}:gin_source'  # --init_from LIBRARY_DIR:TASK
   # The paper's settings as written.
-  cli._register_configurables()
   gin.clear_config()
+  cli._register_configurables()
   target = 'target' in name
   source_binding = [f"SOURCE_PROMPT = '{prompt}'"] if target else []
   gin.parse_config_files_and_bindings([run_file], ["MODEL_DIR = '/tmp/x'",
