@@ -84,3 +84,30 @@ def test_transfer_plan_pairs_targets_with_same_skill_sources():
   for target, source in report.TRANSFER_PAIRS.items():
     assert world.TASKS[target].role == 'target' and source in goal
     assert world.relatedness(target, source) == 1.0
+
+
+def test_relative_position_tables_get_their_own_learning_rate():
+  import jax
+  import jax.numpy as jnp
+  import optax
+  from jaxprompt.model import init_params
+  params = init_params(backbone.lab_config(56, 'methods'), 0)
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  schedule = optax.constant_schedule(1e-3)
+  for scale in (1.0, 10.0):
+    tx = backbone._optimizer(schedule, scale, params)  # pylint: disable=protected-access
+    updates, _ = tx.update(grads, tx.init(params), params)
+    flat = {jax.tree_util.keystr(k): float(jnp.abs(v).max())
+            for k, v in jax.tree_util.tree_flatten_with_path(updates)[0]}
+    relpos = [v for k, v in flat.items() if 'relpos_bias' in k]
+    rest = [v for k, v in flat.items() if 'relpos_bias' not in k]
+    assert len(relpos) == 2 and rest
+    assert max(rest) == pytest.approx(1e-3, rel=1e-3)
+    assert min(relpos) == pytest.approx(1e-3 * scale, rel=1e-3)
+
+
+def test_methods_preset_settings():
+  p = backbone.preset_config('methods')
+  assert p['name'] == 'methods' and p['batch_size'] == 128 and p['relpos_lr_scale'] == 10
+  assert p['steps'] == backbone.BUILD_STEPS and p['emb_dim'] == 128
+  assert backbone.preset_config('methods', steps=50)['steps'] == 50
