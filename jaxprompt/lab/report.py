@@ -178,7 +178,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(out: str | None = None, steps: int | None = None, tasks=DEFAULT_TASKS,
-         prompt_length: int = 10, overwrite: bool = False) -> list[dict]:
+         prompt_length: int = 10, overwrite: bool = False, preset: str = 'demo') -> list[dict]:
   from jaxprompt.lab import TARGET_TASKS, backbone
   from jaxprompt.lab.tasks import register_lab_tasks
   unknown = [t for t in tasks if t not in TARGET_TASKS]
@@ -189,7 +189,7 @@ def main(out: str | None = None, steps: int | None = None, tasks=DEFAULT_TASKS,
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f'{out} exists; pass --overwrite or choose another --out')
   steps = steps or DEFAULT_STEPS
-  ckpt = backbone.build()
+  ckpt = backbone.build(preset=preset)
   register_lab_tasks()
   sources = backbone.source_accuracy(ckpt)
   print('backbone source-task validation scores (prefixed): ' +
@@ -202,7 +202,7 @@ def main(out: str | None = None, steps: int | None = None, tasks=DEFAULT_TASKS,
   table = format_table(rows)
   print(table)
   with open(out, 'w') as f:
-    json.dump({'backbone': ckpt, 'steps': steps, 'prompt_length': prompt_length,
+    json.dump({'backbone': ckpt, 'preset': preset, 'steps': steps, 'prompt_length': prompt_length,
                'source_scores': sources, 'targets': rows}, f, indent=1)
   print(f'written: {out}')
   return rows
