@@ -115,9 +115,9 @@ def _check_macro_bindings(files: Sequence[str], bindings: Sequence[str]) -> None
     with open(path) as f:
       text = f.read()
     known |= set(_MACRO_DEFINITION.findall(text)) | set(_MACRO_USE.findall(text))
-  options = set(_run_flag_names().values()) | {
-      'task', 'backbone', 'model_dir', 'method', 'optimizer', 'train_steps', 'feature_lengths',
-      'resume', 'progress'}
+  from jaxprompt.config import RunConfig
+  options = (set(_run_flag_names().values()) | {f.name for f in dataclasses.fields(RunConfig)} |
+             {'task', 'backbone', 'model_dir', 'optimizer'})
   for binding in bindings:
     name = binding.split('=', 1)[0].strip()
     if name.startswith('tune.') and name[len('tune.'):] not in options:
@@ -152,16 +152,23 @@ def gin_tune(files: Sequence[str], bindings: Sequence[str]):
   try:
     gin.parse_config_files_and_bindings(list(files), list(bindings))
   except (ValueError, IOError, SyntaxError) as e:
-    raise UsageError('gin: ' + _one_line(e)) from None
+    raise _gin_error(e) from None
   try:
     gin.get_configurable('setup_tasks')()
     return gin.get_configurable('tune')()
   except RuntimeError as e:
     if 'REQUIRED' not in str(e) and 'required' not in str(e):
       raise
+    raise _gin_error(e) from None
+
+
+def _gin_error(e: Exception) -> UsageError:
+  """gin's error as one line; a required macro left unbound names the flag that sets it."""
+  if 'REQUIRED' in str(e) or 'required' in str(e):
     missing = [flag for macro, flag in REQUIRED_FLAGS.items() if macro in str(e)]
     hint = f'give {missing[0]}' if missing else 'bind it with --gin.NAME=value'
-    raise UsageError(f'{hint} ({_one_line(e)})') from None
+    return UsageError(f'{hint} (gin: {_one_line(e)})')
+  return UsageError('gin: ' + _one_line(e))
 
 
 def setup_tasks(vocabulary: str | None = None, train_file: str | None = None,

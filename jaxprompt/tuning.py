@@ -22,7 +22,10 @@ from typing import Any
 
 import jax
 import optax
-import seqio
+from jaxprompt import host as _host
+
+_host.import_quietly('seqio')  # TensorFlow's native libraries print as they load
+import seqio  # noqa: E402
 
 from jaxprompt import __version__
 from jaxprompt.checkpoints.backbone import Backbone

@@ -119,6 +119,9 @@ def test_tune_eval_info_end_to_end(tiny_setup, capsys):
   assert cli.main(['info', prompt]) == 0
   info = capsys.readouterr().out
   assert 'length 3' in info and 'cli_task' in info
+  assert cli.main(['info', run]) == 0  # a run directory describes the run
+  info = capsys.readouterr().out
+  assert 'prompt_tuning' in info and 'finished' in info and 'prompt_best.safetensors' in info
   assert cli.main(['info', s['ckpt'], '--json']) == 0
   d = json.loads(capsys.readouterr().out)
   assert d['format'] == 't5x_legacy' and d['family'] == 't5_1_1'

@@ -8,7 +8,7 @@ import logging as _logging
 
 from jaxprompt import host as _host
 
-_host.import_quietly('tensorflow')  # its native libraries print oneDNN / CUDA lines on load
+_host.import_quietly('seqio')  # TensorFlow's native libraries print oneDNN / CUDA lines on load
 
 
 class _DropNoise(_logging.Filter):

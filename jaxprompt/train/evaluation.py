@@ -18,7 +18,10 @@ from typing import Any, Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-import seqio
+from jaxprompt import host as _host
+
+_host.import_quietly('seqio')  # TensorFlow's native libraries print as they load
+import seqio  # noqa: E402
 
 from jaxprompt.config import EVAL_MODES
 from jaxprompt.model import decoding
