@@ -15,7 +15,6 @@ entry points (`jaxprompt tune`, `python -m jaxprompt.train`), never inside the l
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import json
 import os
 from typing import Any
@@ -138,15 +137,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
                                 identity_keys=checkpointing.IDENTITY_KEYS + tuple(
                                     method.identity(ctx)))
 
-  shard_id, num_shards = jax.process_index(), jax.process_count()
-
   def batches(start: int):
-    from jaxprompt.data.features import EXAMPLE_MASK, get_dataset
-    it = get_dataset(task, config.feature_lengths, 'train', config.batch_size // num_shards,
-                     shuffle=True, seed=config.seed, num_epochs=None, shard_id=shard_id,
-                     num_shards=num_shards, with_task_index=method.uses_task_index)
-    strip = lambda b: {k: v for k, v in b.items() if k != EXAMPLE_MASK}  # noqa: E731
-    return map(strip, itertools.islice(it, start, None))
+    return TrainBatches(task, config, model_dir, start, with_task_index=method.uses_task_index)
 
   product_meta = dict(backbone=bb.name, backbone_fingerprint=bb.fingerprint, task=task,
                       tasks=list(ctx.tasks),
@@ -188,6 +180,53 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
                     None if method.trains_backbone else best, result.plot,
                     result.state.trainable, best if method.trains_backbone else None, bb,
                     result.state.opt_state)
+
+
+class TrainBatches:
+  """This host's share of the run's training batches, from position `start` on.
+
+  Every host reads the same deterministic pipeline of *global* batches (seed, task, lengths)
+  and keeps its slice, so a global batch never depends on the number of hosts: 2 processes x
+  1 device see exactly the batches of 1 process x 2 devices. The pipeline's position is saved
+  beside each checkpoint (`save`), and a resumed run restores it instead of replaying every
+  batch consumed so far; without a saved position it replays (and says so).
+  """
+
+  def __init__(self, task: str, config: RunConfig, model_dir: str, start: int,
+               with_task_index: bool = False):
+    from jaxprompt.data.features import get_dataset
+    self.model_dir = model_dir
+    self.index, count = jax.process_index(), jax.process_count()
+    if config.batch_size % count:
+      raise ValueError(f'batch_size {config.batch_size} is not a multiple of the {count} '
+                       'processes; choose one that is')
+    self.rows = slice(self.index * config.batch_size // count,
+                      (self.index + 1) * config.batch_size // count)
+    self._it = get_dataset(task, config.feature_lengths, 'train', config.batch_size,
+                           shuffle=True, seed=config.seed, num_epochs=None,
+                           with_task_index=with_task_index)
+    if start:
+      saved = checkpointing.data_state_path(model_dir, start, self.index)
+      if checkpointing.data_state_exists(saved):
+        self._it.restore(saved)
+      else:
+        import sys
+        print(f'resume: no saved data position for step {start}; replaying {start} batches',
+              file=sys.stderr)
+        for _ in range(start):
+          next(self._it)
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict:
+    from jaxprompt.data.features import EXAMPLE_MASK
+    batch = next(self._it)
+    return {k: v[self.rows] for k, v in batch.items() if k != EXAMPLE_MASK}
+
+  def save(self, step: int) -> None:
+    """Saves the position after `step` batches (called by the loop with each checkpoint)."""
+    self._it.save(checkpointing.data_state_path(self.model_dir, step, self.index))
 
 
 def load_backbone(backbone, config=None, dropout_rate: float | None = None):

@@ -107,7 +107,8 @@ def test_only_the_trainable_changes(world, method, tmp_path_factory):
 
 @pytest.mark.parametrize('method', METHODS)
 def test_killed_run_resumes_bit_for_bit_running_only_the_rest(world, method, tmp_path,
-                                                              tmp_path_factory, monkeypatch):
+                                                              tmp_path_factory, monkeypatch,
+                                                              capfd):
   full = full_run(world, method, tmp_path_factory)
   killed = str(tmp_path / 'killed')
   _tune(world, method, killed, train_steps=6)  # checkpoints at 4 and 6 ...
@@ -128,8 +129,11 @@ def test_killed_run_resumes_bit_for_bit_running_only_the_rest(world, method, tmp
     return eng, state
 
   monkeypatch.setattr(engine_lib, 'build_engine', counting_build)
+  capfd.readouterr()
   resumed = _tune(world, method, killed, resume=True)
   assert len(count) == STEPS - EVAL_PERIOD  # steps 5..8 only
+  err = capfd.readouterr().err
+  assert 'from step 4' in err and 'replaying' not in err  # the saved data position, O(1)
   jax.tree_util.tree_map(np.testing.assert_array_equal, full.trainable, resumed.trainable)
   jax.tree_util.tree_map(np.testing.assert_array_equal, full.opt_state, resumed.opt_state)
   assert resumed.best_step == full.best_step and resumed.best_metrics == full.best_metrics

@@ -96,16 +96,25 @@ class BatchIterator:
 
   def __init__(self, dataset: tf.data.Dataset, batch_size: int,
                truncation: TruncationCounter):
-    self._numpy = dataset.as_numpy_iterator()
+    self._iterator = iter(dataset)
     self.batch_size = batch_size
     self.truncation = truncation
 
   def __iter__(self) -> 'BatchIterator':
     return self
 
+  def save(self, path: str) -> None:
+    """Writes the pipeline's position (tf.data iterator state, shuffle buffers included), so
+    `restore` continues from here without replaying what was read (T5X checkpoints its
+    dataset iterator the same way)."""
+    tf.train.Checkpoint(iterator=self._iterator).write(path)
+
+  def restore(self, path: str) -> None:
+    tf.train.Checkpoint(iterator=self._iterator).read(path).assert_consumed()
+
   def __next__(self) -> dict[str, np.ndarray]:
     try:
-      batch = next(self._numpy)
+      batch = {k: v.numpy() for k, v in next(self._iterator).items()}
     except StopIteration:
       if self.truncation.examples:
         logger.info('%s: end of data; %s', self.truncation.name, self.truncation.summary())

@@ -60,6 +60,27 @@ def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = Tru
   return False
 
 
+def data_state_path(model_dir: str, step: int, process: int) -> str:
+  """Where the data pipeline's position after `step` batches is saved (one per process)."""
+  return os.path.join(model_dir, 'data_state', f'step_{step}', f'process_{process}')
+
+
+def data_state_exists(path: str) -> bool:
+  return os.path.exists(path + '.index')
+
+
+def prune_data_states(model_dir: str, keep_steps) -> None:
+  """Deletes saved data positions of steps that no longer have a checkpoint."""
+  import shutil
+  root = os.path.join(model_dir, 'data_state')
+  if not os.path.isdir(root):
+    return
+  keep = {f'step_{s}' for s in keep_steps}
+  for name in os.listdir(root):
+    if name not in keep:
+      shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+
+
 def read_manifest(model_dir: str) -> dict[str, Any]:
   with open(os.path.join(model_dir, MANIFEST)) as f:
     return json.load(f)

@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from jaxprompt.train.checkpointing import Checkpointer
+from jaxprompt.train.checkpointing import Checkpointer, prune_data_states
 from jaxprompt.train.summaries import MetricsLog, plot_run
 
 
@@ -77,7 +77,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     train_step: jitted `(state, frozen, batch, rng) -> (state, metrics)`.
     state: a fresh `TrainState` (replaced by the checkpoint when resuming).
     frozen: the frozen arguments (backbone params, fixed masks, ...).
-    batches: `batches(position)` yields training batches starting at batch `position`.
+    batches: `batches(position)` yields training batches starting at batch `position`; if
+      the iterator has `save(step)`, it is called with every checkpoint (the data position).
     rng: base dropout key; step `i` uses `fold_in(rng, i)`, so a resumed run repeats it.
     model_dir: the run directory (see `checkpointing`).
     config: the loop settings.
@@ -115,8 +116,13 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
 
   def save(step: int, is_best: bool) -> None:
     # The periodic checkpoint first: a best checkpoint or product never runs ahead of the
-    # checkpoint a resumed run starts from.
+    # checkpoint a resumed run starts from. The data position goes first of all, so a
+    # checkpoint never exists without it.
+    if hasattr(source, 'save'):
+      source.save(step)
     checkpoints.save(step, state, meta)
+    if config.writer:
+      prune_data_states(model_dir, checkpoints.all_steps())
     if is_best:
       best.save(step, state, {'metrics': meta['best_metrics']})
       if on_best is not None:
@@ -131,6 +137,7 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     if on_best is not None:
       on_best(state.trainable, step, meta['best_metrics'])
 
+  source = batches(step)
   if evaluate is not None and step == 0 and not meta['evals']:
     save(0, run_eval(0)[1])
 
@@ -142,7 +149,6 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
   stopped_early = False
   pending: list[dict] = []
   tick, tick_step = time.perf_counter(), step
-  source = batches(step)
   while step < config.train_steps:
     try:
       batch = next(source)
@@ -188,7 +194,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
         break
   if progress is not None:
     progress.close()
-  checkpoints.save(step, state, meta)
+  if step not in checkpoints.all_steps():
+    save(step, False)
   checkpoints.close()
   best.close()
   plot = None
