@@ -133,9 +133,23 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
       config.eval_batch_size or config.batch_size, config.eval_mode, config.max_eval_examples,
       position, loss)
 
-  checkpointing.prepare_run_dir(model_dir, manifest, resume=config.resume, write=is_writer,
-                                identity_keys=checkpointing.IDENTITY_KEYS + tuple(
-                                    method.identity(ctx)))
+  identity = checkpointing.IDENTITY_KEYS + tuple(method.identity(ctx))
+  # Checked first without writing (a directory of another run is left untouched), then held.
+  checkpointing.prepare_run_dir(model_dir, manifest, config.resume, False, identity)
+  lock = checkpointing.RunLock(model_dir).acquire() if is_writer else None
+  try:
+    checkpointing.prepare_run_dir(model_dir, manifest, config.resume, is_writer, identity)
+    return _train(method, ctx, model_dir, eng, state, validation, extras, dropout_rng,
+                  is_writer)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation, extras,
+           dropout_rng, is_writer: bool) -> TuneResult:
+  """The loop and the products of a prepared run (the run directory is held)."""
+  config, bb, task = ctx.config, ctx.backbone, ctx.task
 
   def batches(start: int):
     return TrainBatches(task, config, model_dir, start, with_task_index=method.uses_task_index)

@@ -217,6 +217,26 @@ def test_run_directory_of_another_run_is_refused(tmp_path):
   assert (other / 'notes.txt').read_text() == 'mine'
 
 
+def test_one_run_holds_its_directory(tmp_path):
+  d = str(tmp_path / 'run')
+  holder = checkpointing.RunLock(d).acquire()
+  with pytest.raises(checkpointing.RunDirectoryError, match=f'in use by host .*pid {os.getpid()}'):
+    checkpointing.RunLock(d).acquire()
+  holder.release()
+  # A lock file left by a killed run (no process holds it) is stale: taken over.
+  killed = subprocess.run([sys.executable, '-c', textwrap.dedent(f"""
+      import os
+      from jaxprompt.train.checkpointing import RunLock
+      RunLock({d!r}).acquire()
+      os._exit(9)  # dies holding it""")], capture_output=True, text=True, timeout=120)
+  assert killed.returncode == 9
+  assert 'pid' in open(os.path.join(d, 'run.lock')).read()
+  checkpointing.RunLock(d).acquire().release()
+  # The lock file alone does not make a fresh directory "not empty".
+  m = {'method': 'prompt_tuning', 'backbone': 'x', 'task': 't', 'seed': 0, 'batch_size': 8}
+  assert checkpointing.prepare_run_dir(d, m) is False
+
+
 SHARDED = textwrap.dedent('''
     import json, sys, numpy as np, jax
     sys.path.insert(0, {tests!r})

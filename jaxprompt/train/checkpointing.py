@@ -26,6 +26,49 @@ class RunDirectoryError(ValueError):
   pass
 
 
+LOCK = 'run.lock'
+
+
+class RunLock:
+  """One run holds a run directory: an exclusive `flock` on MODEL_DIR/run.lock, which names the
+  holder (host, pid, start). The kernel drops the lock when the holder dies, so a lock left by a
+  killed run is stale by construction and is taken over."""
+
+  def __init__(self, model_dir: str):
+    self.path = os.path.join(model_dir, LOCK)
+    self._fd: int | None = None
+
+  def acquire(self) -> 'RunLock':
+    import fcntl
+    import socket
+    import time
+    os.makedirs(os.path.dirname(self.path), exist_ok=True)
+    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+      os.close(fd)
+      raise RunDirectoryError(f'{os.path.dirname(self.path)}: in use by {holder}; wait for that '
+                              'run to end, or give another --model_dir') from None
+    os.ftruncate(fd, 0)
+    os.write(fd, (f'host {socket.gethostname()}, pid {os.getpid()}, started '
+                  f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n').encode())
+    self._fd = fd
+    return self
+
+  def release(self) -> None:
+    if self._fd is not None:
+      os.close(self._fd)  # closing drops the flock; the file stays (harmless, stale)
+      self._fd = None
+
+  def __enter__(self):
+    return self.acquire()
+
+  def __exit__(self, *exc):
+    self.release()
+
+
 def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = True,
                     write: bool = True, identity_keys: tuple[str, ...] = IDENTITY_KEYS) -> bool:
   """Creates `model_dir` or checks it holds this same run. Returns True if it can be resumed.
@@ -47,7 +90,7 @@ def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = Tru
       raise RunDirectoryError(f'{model_dir}: holds this run already; pass --resume to continue '
                               'it or give a new --model_dir')
     return True
-  if os.path.isdir(model_dir) and os.listdir(model_dir):
+  if os.path.isdir(model_dir) and set(os.listdir(model_dir)) - {LOCK}:
     raise RunDirectoryError(f'{model_dir}: not empty and has no {MANIFEST}; give a new or empty '
                             '--model_dir')
   if not write:

@@ -158,15 +158,19 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     state, metrics = train_step(state, frozen, put_batch(batch), rng)
     pending.append(metrics)
     step += 1
-    if step % config.log_period == 0 or step == config.train_steps:
+    at_checkpoint = step % config.eval_period == 0 or step == config.train_steps
+    if step % config.log_period == 0 or at_checkpoint:
       host = jax.device_get(pending)
       pending = []
-      bad = [m for m in host if bool(m['nonfinite'])]
-      if bad:
-        raise NonFiniteLossError(
-            f'non-finite loss or gradient before step {step}: training stopped; the last good '
-            f'checkpoint in {model_dir}/checkpoints is kept (lower the learning rate or check '
-            'the data)')
+      bad = [step - len(host) + 1 + i for i, m in enumerate(host) if bool(m['nonfinite'])]
+      if bad:  # before anything of this state is evaluated, saved or called best
+        kept = checkpoints.latest_step()
+        where = (f'{model_dir}/checkpoints holds the last good state (step {kept}); lower the '
+                 'learning rate (or check the data) and continue it with --resume'
+                 if kept is not None else 'no checkpoint was written yet; start again with a '
+                 'lower learning rate (or check the data)')
+        raise NonFiniteLossError(f'non-finite loss, gradient or update at step {bad[0]}: '
+                                 f'training stopped; {where}')
       summed = {k: float(np.sum([m[k] for m in host])) for k in ('loss', 'weight_sum',
                                                                   'num_correct', 'z_loss')}
       now = time.perf_counter()
@@ -183,7 +187,7 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
         progress.set_postfix(loss=f'{row["loss_per_token"]:.4f}', steps_s=f'{rate:.2f}')
     if progress is not None:
       progress.update(1)
-    if step % config.eval_period == 0 or step == config.train_steps:
+    if at_checkpoint:
       is_best = False
       if evaluate is not None:
         stopped_early, is_best = run_eval(step)
