@@ -138,12 +138,17 @@ def read_source_prompt(spec: str, seed: int = 0) -> tuple[np.ndarray, dict[str, 
   return value, meta
 
 
-def _source_specs(options, tasks: Sequence[str]) -> list[str]:
+def _source_specs(options, tasks: Sequence[str], width: int, length: int) -> list[str]:
   if options.source_library and options.source_prompts:
     raise ConfigError('projector: give source_prompts or source_library, not both')
   if options.source_library:
     return [f'{options.source_library}:{t}' for t in tasks]
   specs = list(options.source_prompts)
+  if not specs:  # the no-information baseline: the projector re-parametrises a prompt
+    print(f'projector: no source prompts given: projecting fixed random prompts '
+          f'(random:{width}:{length}) per task; pass --source_library or --source_prompts',
+          file=sys.stderr)
+    return [f'random:{width}:{length}'] * len(tasks)
   if len(specs) != len(tasks):
     raise ConfigError(f'projector: {len(specs)} source prompt(s) for {len(tasks)} task(s) '
                       f'({", ".join(tasks)}); give one per task, in order (--source_prompts), or '
@@ -206,7 +211,8 @@ class ProjectorTuning(Method):
 
   def init(self, rng, ctx: Context):
     o = ctx.options
-    sources, source_fp = load_sources(_source_specs(o, ctx.tasks), ctx.config.seed)
+    sources, source_fp = load_sources(
+        _source_specs(o, ctx.tasks, ctx.width, ctx.config.prompt_length), ctx.config.seed)
     length = o.projected_length or sources.shape[1]
     scale = float(np.std(ctx.embedding))
     params = init_projector(rng, sources.shape[1:], (length, ctx.width), o.hidden, scale)
@@ -256,7 +262,7 @@ class ProjectorTuning(Method):
     return {'task_index': np.int32(task_index)}
 
   def contract_options(self):
-    return {'source_prompts': ('random:8:3', 'random:8:3'), 'hidden': 16}
+    return {}  # random source prompts of the run's length and the target's width
 
 
 # ---------------------------------------------------------------------------------------------
