@@ -64,7 +64,8 @@ HELP = {
     'higher_is_better': 'direction of --metric', 'patience':
     'stop after N validations without improvement', 'keep_checkpoints':
     'periodic checkpoints kept', 'resume': 'continue the run in --model_dir',
-    'progress': 'show a progress bar', 'coordinator_address': 'multi-host: host:port of process 0',
+    'progress': 'show a progress bar', 'coordinator_address': "multi-host: host:port of process 0 ('auto': the launcher's "
+                           'environment, e.g. TPU pods, SLURM)',
     'num_processes': 'multi-host: number of processes', 'process_id': 'multi-host: this process',
 }
 

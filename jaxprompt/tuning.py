@@ -122,6 +122,7 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
       prompt_position=config.prompt_position,
       feature_lengths=config.feature_lengths, learning_rate=config.learning_rate,
       t5_config=bb.module.config.to_dict(), jaxprompt_version=__version__,
+      config=dataclasses.asdict(config), method_options=dataclasses.asdict(ctx.options),
       **method.identity(ctx))
   loss = steps.LossConfig(config.z_loss, config.label_smoothing, config.loss_normalizing_factor)
   eng, state = engine_lib.build_engine(

@@ -95,9 +95,11 @@ def test_only_the_trainable_changes(world, method, tmp_path_factory):
   from jaxprompt.methods import Context
   from jaxprompt.tuning import make_context
   from jaxprompt.config import RunConfig
+  import dataclasses
+  fields = {f.name for f in dataclasses.fields(m.Options)}
+  options = m.Options(**{k: v for k, v in m.contract_options().items() if k in fields})
   ctx = make_context(m, task_for(method), (world['module'], world['params']),
-                     RunConfig(method=method, prompt_length=3, prompt_init='uniform'),
-                     m.Options())
+                     RunConfig(method=method, prompt_length=3, prompt_init='uniform'), options)
   assert isinstance(ctx, Context)
   initial, _ = m.init(jax.random.split(jax.random.PRNGKey(0))[0], ctx)
   moved = jax.tree_util.tree_map(lambda a, b: float(np.abs(np.asarray(a) - np.asarray(b)).max()),

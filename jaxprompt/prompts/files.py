@@ -132,8 +132,9 @@ def check_compatible(prompt: PromptFile, embed_dim: int, backbone=None,
   """
   if prompt.width != embed_dim:
     raise ValueError(f'{path}: prompt width {prompt.width} does not match the model width '
-                     f'{embed_dim}: a prompt only fits a backbone of its own width; tune one for '
-                     'this backbone (cross-model projectors are not in this release yet)')
+                     f'{embed_dim}: a prompt only fits a backbone of its own width; move it with a '
+                     'cross-model projector (jaxprompt project train / apply) or tune one for '
+                     'this backbone')
   made_for = prompt.metadata.get('backbone_fingerprint')
   fingerprint = getattr(backbone, 'fingerprint', None)
   if made_for and fingerprint:

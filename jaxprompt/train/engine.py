@@ -52,7 +52,9 @@ class Engine:
     return int(self.mesh.shape['data'])
 
   def jit(self, fn: Callable, **kwargs) -> Callable:
-    """`fn` jitted, called under this engine's mesh and axis rules."""
+    """`fn` jitted, called under this engine's mesh and axis rules; its outputs are replicated
+    (every host can read them, as evaluation needs)."""
+    kwargs.setdefault('out_shardings', partitioning.replicated(self.mesh))
     jitted = jax.jit(fn, **kwargs)
 
     def call(*args):

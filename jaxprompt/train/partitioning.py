@@ -278,6 +278,8 @@ def initialize_distributed(
   Returns:
     True if `jax.distributed.initialize` was called.
   """
+  if coordinator_address == 'auto':  # the launcher's environment (TPU pods, SLURM, ...)
+    coordinator_address, auto = None, True
   if coordinator_address is None and not auto:
     if num_processes not in (None, 1) or process_id not in (None, 0):
       raise ValueError(
@@ -287,10 +289,14 @@ def initialize_distributed(
   if jax.distributed.is_initialized():
     log.info('jax.distributed is already initialized.')
     return False
+  from jaxprompt.host import runs_on_cpu
+  if runs_on_cpu():  # CPU processes exchange gradients over gloo
+    jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(
       coordinator_address=coordinator_address,
       num_processes=num_processes,
-      process_id=process_id)
+      process_id=process_id,
+      heartbeat_timeout_seconds=30)  # a lost process stops the others in well under a minute
   log.info('jax.distributed initialized: process %d of %d.',
            jax.process_index(), jax.process_count())
   return True
