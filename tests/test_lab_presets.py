@@ -111,3 +111,16 @@ def test_methods_preset_settings():
   assert p['name'] == 'methods' and p['batch_size'] == 128 and p['relpos_lr_scale'] == 10
   assert p['steps'] == backbone.BUILD_STEPS and p['emb_dim'] == 128
   assert backbone.preset_config('methods', steps=50)['steps'] == 50
+
+
+def test_a_short_methods_build_runs_and_is_cached_under_its_preset(tmp_path):
+  cache = str(tmp_path)
+  ckpt = backbone.build(steps=20, cache_dir=cache, progress=False, preset='methods')
+  directory = os.path.dirname(ckpt)
+  assert os.path.basename(directory).startswith('backbone_methods_20steps_seed0_')
+  assert directory == backbone.backbone_dir(20, 0, cache, 'methods')
+  manifest = json.load(open(os.path.join(directory, 'manifest.json')))
+  assert manifest['preset'] == 'methods' and manifest['batch_size'] == 128
+  assert manifest['t5_config']['num_heads'] == 8
+  assert manifest['mixture'].startswith('lab_sources_')
+  assert backbone.build(steps=20, cache_dir=cache, preset='methods') == ckpt
