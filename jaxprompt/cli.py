@@ -354,13 +354,32 @@ def _export_command(args) -> int:
 def _lab_command(args) -> int:
   from jaxprompt.lab import backbone, report
   if args.lab_command == 'build':
-    path = backbone.build(steps=args.steps, force=args.force)
+    path = backbone.build(steps=args.steps, force=args.force, preset=args.preset)
     print(f'lab backbone: {path}')
   elif args.lab_command == 'path':
-    print(backbone.build())
-  else:
+    print(backbone.build(preset=args.preset))
+  elif args.what == 'targets':
     tasks = args.tasks.split(',') if args.tasks else report.DEFAULT_TASKS
-    report.main(out=args.out, steps=args.steps, tasks=tasks, overwrite=args.overwrite)
+    report.main(out=args.out, steps=args.steps, tasks=tasks, overwrite=args.overwrite,
+                preset=args.preset or 'demo')
+  else:  # the sources the methods build on: known with a prefix, and through a prompt
+    import tempfile
+    out = args.out or f'lab_{args.what}.json'
+    if os.path.exists(out) and not args.overwrite:
+      raise FileExistsError(f'{out} exists; pass --overwrite or choose another --out')
+    ckpt = backbone.build(preset=args.preset or 'methods')
+    tasks = args.tasks.split(',') if args.tasks else None
+    with tempfile.TemporaryDirectory(prefix='jaxprompt_lab_') as work:
+      if args.what == 'sources':
+        rows = report.measure_sources(ckpt, work, tasks=tasks, **(
+            {'steps': args.steps} if args.steps else {}))
+      else:
+        rows = report.measure_transfer(ckpt, work, **({'steps': args.steps} if args.steps
+                                                      else {}))
+    with open(out, 'w') as f:
+      json.dump({'backbone': ckpt, args.what: rows}, f, indent=1, default=str)
+    print(json.dumps(rows, indent=1, default=str))
+    print(f'written: {out}')
   return 0
 
 
@@ -435,8 +454,18 @@ def build_parser() -> argparse.ArgumentParser:
   b = lab_sub.add_parser('build', help='train (or reuse) the lab backbone')
   b.add_argument('--steps', type=int, default=None, help='pretraining steps')
   b.add_argument('--force', action='store_true', help='rebuild even if cached')
-  lab_sub.add_parser('path', help="print the lab backbone's checkpoint path (built if needed)")
+  b.add_argument('--preset', default=None,
+                 help="backbone preset: demo (default, the demo's) or methods (stronger sources "
+                      'for the methods\' evidence)')
+  pa = lab_sub.add_parser('path', help="print the lab backbone's checkpoint path (built if needed)")
+  pa.add_argument('--preset', default=None, help='backbone preset (default demo)')
   r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab')
+  r.add_argument('what', nargs='?', default='targets', choices=('targets', 'sources', 'transfer'),
+                 help='targets: no prompt / random / prompt tuning / model tuning per target '
+                      '(default); sources: each source known with its prefix and through a '
+                      'prompt; transfer: a related source prompt vs class-label init per target')
+  r.add_argument('--preset', default=None,
+                 help='backbone preset (default: demo for targets, methods for the others)')
   r.add_argument('--out', default=None, help='JSON file to write (default lab_report.json)')
   r.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
   r.add_argument('--steps', type=int, default=None,

@@ -12,5 +12,6 @@ from jaxprompt.lab.world import (  # noqa: F401
 
 def register_lab_tasks(cache_dir=None, seed=0, sizes=None):
   """Registers the lab's seqio tasks and returns its vocabulary; see `jaxprompt.lab.tasks`."""
+  import jaxprompt.data  # noqa: F401 - TensorFlow and seqio imported quietly, before tasks does
   from jaxprompt.lab import tasks  # pylint: disable=g-import-not-at-top
   return tasks.register_lab_tasks(cache_dir=cache_dir, seed=seed, sizes=sizes)
