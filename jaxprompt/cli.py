@@ -117,7 +117,7 @@ def _check_macro_bindings(files: Sequence[str], bindings: Sequence[str]) -> None
     known |= set(_MACRO_DEFINITION.findall(text)) | set(_MACRO_USE.findall(text))
   from jaxprompt.config import RunConfig
   options = (set(_run_flag_names().values()) | {f.name for f in dataclasses.fields(RunConfig)} |
-             {'task', 'backbone', 'model_dir', 'optimizer'})
+             {'task', 'backbone', 'model_dir', 'optimizer', 'config'})
   for binding in bindings:
     name = binding.split('=', 1)[0].strip()
     if name.startswith('tune.') and name[len('tune.'):] not in options:
@@ -203,7 +203,7 @@ def _run_flag_names() -> dict[str, str]:
 
 def _tune_command(args, files: list[str], bindings: list[str]) -> int:
   flags = list(MACRO_FLAGS) + list(_run_flag_names()) + ['train_file', 'inputs_length',
-                                                          'targets_length']
+                                                          'targets_length', 'config']
   if not files and not bindings and not any(getattr(args, f) is not None for f in flags):
     from jaxprompt.lab import demo
     demo.run_demo(steps=args.demo_steps)
@@ -222,6 +222,8 @@ def _tune_command(args, files: list[str], bindings: list[str]) -> int:
   if any(v is not None for v in lengths.values()):
     extra.append(f'TASK_FEATURE_LENGTHS = {({k: v for k, v in lengths.items() if v})!r}')
   extra.append(f'tune.resume = {bool(args.resume)}')
+  if args.config:
+    extra.append(_binding('tune.config', args.config))
   if args.train_file:
     extra += [_binding('setup_tasks.train_file', args.train_file),
               _binding('setup_tasks.task_name', args.task or 'user_task'),
@@ -403,6 +405,9 @@ def build_parser() -> argparse.ArgumentParser:
   tune.add_argument('--targets_length', type=int, default=None,
                     help="target budget in tokens (default: the task's own, else 16)")
   tune.add_argument('--resume', action='store_true', help='continue the run in --model_dir')
+  tune.add_argument('--config', default=None,
+                    help="the backbone's T5 config name (e.g. t5_1_1_base) when the checkpoint "
+                         'cannot say (gin tune.config, as the model gin files bind it)')
   tune.add_argument('--train_file', help='a JSONL/TSV/CSV file of training examples')
   tune.add_argument('--validation_file', help='a JSONL/TSV/CSV file of validation examples')
   tune.add_argument('--input_column', default='input', help='input column(s) of the files')

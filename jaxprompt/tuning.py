@@ -55,7 +55,8 @@ class TuneResult:
 
 
 def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
-         optimizer: optax.GradientTransformation | None = None, **options) -> TuneResult:
+         optimizer: optax.GradientTransformation | None = None, config=None,
+         **options) -> TuneResult:
   """Tunes `method`'s trainable (a soft prompt by default) on `task` with `backbone` frozen.
 
   Args:
@@ -65,15 +66,17 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
     model_dir: the run directory; `resume=True` continues the run it holds.
     method: a registered method (`jaxprompt.methods.method_names()`).
     optimizer: replaces the method's default optimizer (T5X Adafactor).
+    config: the backbone's T5 config (or a name such as 't5_1_1_base', as the model gin files
+      bind it) when the checkpoint cannot say; every parameter shape is checked against it.
     **options: any `jaxprompt.config.RunConfig` field (train_steps, batch_size,
       prompt_length, learning_rate, feature_lengths, eval_period, ...) or an option of the
       method (its `Options` dataclass). An unknown name is an error naming close matches.
   """
   m = get_method(method)
   run_options, method_options = split_options(options, m.Options)
-  config = RunConfig(method=method, **run_options)
-  return run(m, task, backbone, model_dir, config, m.Options(**method_options),
-             optimizer=optimizer)
+  run_config = RunConfig(method=method, **run_options)
+  return run(m, task, backbone, model_dir, run_config, m.Options(**method_options),
+             optimizer=optimizer, t5_config=config)
 
 
 def resolve_config(config: RunConfig, task: str) -> RunConfig:
@@ -86,14 +89,15 @@ def resolve_config(config: RunConfig, task: str) -> RunConfig:
                        **(config.feature_lengths or {})})
 
 
-def make_context(method: Method, task: str, backbone, config: RunConfig, options) -> Context:
+def make_context(method: Method, task: str, backbone, config: RunConfig, options,
+                 t5_config=None) -> Context:
   """Checks the task, reads the backbone, resolves the config: all before anything is written."""
   from jaxprompt.data.tasks import check_task_name, label_names, member_tasks
   from jaxprompt.train.partitioning import initialize_distributed
   check_task_name(task)
   initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
   from jaxprompt.checkpoints.backbone import load_backbone as load
-  bb = load(backbone, dropout_rate=config.dropout_rate)
+  bb = load(backbone, t5_config, dropout_rate=config.dropout_rate)
   config = resolve_config(config, task)
   tasks = member_tasks(task)
   first = seqio.get_mixture_or_task(tasks[0])
@@ -103,9 +107,9 @@ def make_context(method: Method, task: str, backbone, config: RunConfig, options
 
 
 def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, options,
-        optimizer: optax.GradientTransformation | None = None) -> TuneResult:
+        optimizer: optax.GradientTransformation | None = None, t5_config=None) -> TuneResult:
   """Trains a run of `method` (see `tune`)."""
-  ctx = make_context(method, task, backbone, config, options)
+  ctx = make_context(method, task, backbone, config, options, t5_config)
   config, bb = ctx.config, ctx.backbone
   model_dir = os.path.abspath(model_dir)
   position = prompt_lib.position_index(config.prompt_position)

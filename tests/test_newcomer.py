@@ -162,3 +162,13 @@ def test_export_to_peft_from_the_command_line(tmp_path, capsys):
   assert 'overwrite' in _err(capsys)
   assert cli.main(['info', out]) == 0
   assert 'length 4' in capsys.readouterr().out
+
+
+def test_a_model_gin_file_binds_the_backbone_config(tmp_path, capsys):
+  """The model gin files bind `tune.config`: a real-checkpoint command gets as far as reading
+  the checkpoint (here: absent), not an "unknown option" error."""
+  code = cli.main(['tune', '--gin_file=models/t5_1_1/small.gin',
+                   '--gin_file=runs/prompt_tune.gin', '--model_dir', str(tmp_path / 'r'),
+                   '--task', 'lab_has_dog', '--backbone', str(tmp_path / 'ckpt')])
+  err = _err(capsys)
+  assert code == 2 and 'no such file or directory' in err and 'ckpt' in err, err

@@ -54,7 +54,8 @@ MIXTURE_CAP = 2 ** 19
 @dataclasses.dataclass(frozen=True)
 class RowsOptions:
   """`row_init`: one initialisation per member task of the run's mixture, in its order: a prompt
-  file, `LIBRARY_DIR:TASK`, or an initialiser name (class_labels, sampled_vocab, uniform, ...)."""
+  file, `LIBRARY_DIR:TASK`, or an initialiser name (class_labels, sampled_vocab, uniform, ...).
+  Empty: every row from the run's own `--init_from` / `--prompt_init`."""
 
   row_init: tuple[str, ...] = ()
 
@@ -71,11 +72,12 @@ class PromptRows(PromptStack):
     from jaxprompt import config as config_lib
     from jaxprompt.data.tasks import label_names
     from jaxprompt.prompts.init import make_prompt_init, source_prompt
-    specs = tuple(ctx.options.row_init)
+    c = ctx.config
+    default = c.init_from or (c.prompt_init_file if c.prompt_init == 'file' else c.prompt_init)
+    specs = tuple(ctx.options.row_init) or (default,) * len(ctx.tasks)
     if len(specs) != len(ctx.tasks):
       raise ValueError(f'spot_rows: row_init has {len(specs)} entries for {len(ctx.tasks)} '
                        'member tasks; give one initialisation per task, in the mixture\'s order')
-    c = ctx.config
     rows = []
     for key, spec, task in zip(jax.random.split(rng, len(specs)), specs, ctx.tasks):
       if spec in config_lib.PROMPT_INITS and spec not in ('file', 'text'):
