@@ -168,7 +168,7 @@ def test_initialize_distributed_only_when_configured(monkeypatch):
   assert calls == []
   assert partitioning.initialize_distributed('10.0.0.1:1234', 4, 2) is True
   assert calls == [dict(coordinator_address='10.0.0.1:1234', num_processes=4,
-                        process_id=2)]
+                        process_id=2, heartbeat_timeout_seconds=30)]
   with pytest.raises(ValueError, match='coordinator_address'):
     partitioning.initialize_distributed(num_processes=4, process_id=1)
 
