@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from jaxprompt.prompts.files import PromptFile, read_prompt
+from jaxprompt.prompts.files import jsonable as _jsonable
 
 CONFIG_NAME = 'adapter_config.json'
 WEIGHTS_NAME = 'adapter_model.safetensors'
@@ -177,12 +178,6 @@ def export_peft(prompt: str | PromptFile, out_dir: str, *,
   return out_dir
 
 
-def _jsonable(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
 
 
 def is_peft_dir(path: str) -> bool:

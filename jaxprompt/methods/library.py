@@ -38,6 +38,8 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from jaxprompt.prompts.files import jsonable as _jsonable
+
 FORMAT = 'jaxprompt.library/1'
 INDEX = 'index.json'
 LOCK = '.lock'
@@ -155,12 +157,6 @@ def _fsync_dir(directory: str) -> None:
     os.close(fd)
 
 
-def _jsonable(x):
-  if isinstance(x, np.generic):
-    return x.item()
-  if isinstance(x, np.ndarray):
-    return x.tolist()
-  return str(x)
 
 
 @contextlib.contextmanager

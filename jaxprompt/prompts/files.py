@@ -70,12 +70,13 @@ def write_prompt(path: str, value, *, overwrite: bool = False, token_mask=None, 
       tensors['token_mask'] = np.asarray(token_mask, np.float32)
     if piece_mask is not None:
       tensors['piece_mask'] = np.asarray(piece_mask, np.float32)
-    save_file(tensors, tmp, metadata={'jaxprompt': json.dumps(meta, default=_jsonable)})
+    save_file(tensors, tmp, metadata={'jaxprompt': json.dumps(meta, default=jsonable)})
   os.replace(tmp, path)
   return path
 
 
-def _jsonable(x):
+def jsonable(x):
+  """`json.dumps(default=...)` for numpy scalars and arrays (anything else as text)."""
   if isinstance(x, (np.generic,)):
     return x.item()
   if isinstance(x, np.ndarray):
