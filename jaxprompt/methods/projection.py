@@ -273,7 +273,7 @@ def save_projector(path: str, params: Mapping[str, Any], meta: Mapping[str, Any]
   """Writes a projector file (see the module docstring); `meta` must name the backbones."""
   from safetensors.numpy import save_file
   from jaxprompt import __version__
-  from jaxprompt.prompts.files import FORMAT, _jsonable
+  from jaxprompt.prompts.files import FORMAT, jsonable as _jsonable
   if os.path.exists(path) and not overwrite:
     raise ProjectionError(f'{path}: already exists; choose another path or pass --overwrite')
   params = {k: np.asarray(params[k], np.float32) for k in PARAM_NAMES}
