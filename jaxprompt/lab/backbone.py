@@ -205,11 +205,11 @@ def source_accuracy(checkpoint: str, max_examples: int = 200,
   from jaxprompt.lab.tasks import SEQUENCE_LENGTH, register_lab_tasks, seqio_name
   from jaxprompt.tuning import load_backbone
   register_lab_tasks()
+  from jaxprompt.train.evaluation import primary_score
   backbone = load_backbone(checkpoint)[:2]
   scores = {}
   for task in tasks or SOURCE_TASKS:
     metrics = evaluate(seqio_name(task, prefixed=True), backbone=backbone, split='validation',
                        feature_lengths=SEQUENCE_LENGTH, max_examples=max_examples, batch_size=100)
-    scores[task] = next(v for k, v in metrics.items() if k not in ('loss_per_token',
-                                                                   'token_accuracy'))
+    scores[task] = primary_score(metrics)
   return scores

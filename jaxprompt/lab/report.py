@@ -22,43 +22,41 @@ DEFAULT_TASKS = ('has_green', 'has_dog', 'more_numbers_than_colours', 'count_num
 DEFAULT_STEPS = 1000
 
 
-def _score(metrics: dict) -> float:
-  return next(v for k, v in metrics.items() if k not in ('loss_per_token', 'token_accuracy'))
-
-
 def measure_task(task: str, ckpt: str, steps: int, prompt_length: int, work: str,
                  seed: int = 0) -> dict:
   """No-prompt, random-prompt, prompt-tuning and model-tuning test scores on one lab target."""
   from jaxprompt.evaluate import evaluate
   from jaxprompt.lab.tasks import SEQUENCE_LENGTH, seqio_name
   from jaxprompt.prompts.files import write_prompt
+  from jaxprompt.train.evaluation import primary_score
   from jaxprompt.tuning import load_backbone, tune
   name = seqio_name(task)
   module, params, _ = load_backbone(ckpt)
   common = dict(feature_lengths=SEQUENCE_LENGTH, batch_size=100)
   row = {'task': task}
-  row['no_prompt'] = _score(evaluate(name, backbone=(module, params), split='test', **common))
+
+  def test_score(backbone=(module, params), prompt=None) -> float:
+    return primary_score(evaluate(name, backbone=backbone, prompt=prompt, split='test', **common))
+
+  row['no_prompt'] = test_score()
   rs = np.random.RandomState(seed)
   random_prompt = os.path.join(work, f'{task}_random.safetensors')
   write_prompt(random_prompt, rs.uniform(-0.5, 0.5, (prompt_length, module.config.emb_dim)),
                overwrite=True)
-  row['random_prompt'] = _score(evaluate(name, backbone=(module, params), prompt=random_prompt,
-                                         split='test', **common))
+  row['random_prompt'] = test_score(prompt=random_prompt)
   start = time.time()
   pt = tune(name, backbone=(module, params), model_dir=os.path.join(work, f'{task}_pt'),
             prompt_length=prompt_length, prompt_init='class_labels', train_steps=steps,
             batch_size=32, feature_lengths=SEQUENCE_LENGTH, eval_period=max(steps // 6, 1),
             seed=seed, progress=False)
   row['prompt_tuning_minutes'] = round((time.time() - start) / 60, 2)
-  row['prompt_tuning'] = _score(evaluate(name, backbone=(module, params),
-                                         prompt=pt.best_prompt_path, split='test', **common))
+  row['prompt_tuning'] = test_score(prompt=pt.best_prompt_path)
   start = time.time()
   mt = tune(name, backbone=(module, params), model_dir=os.path.join(work, f'{task}_mt'),
             method='model_tuning', learning_rate=1e-3, train_steps=steps, batch_size=32,
             feature_lengths=SEQUENCE_LENGTH, eval_period=steps, seed=seed, progress=False)
   row['model_tuning_minutes'] = round((time.time() - start) / 60, 2)
-  row['model_tuning'] = _score(evaluate(name, backbone=(module, mt.trainable), split='test',
-                                        **common))
+  row['model_tuning'] = test_score(backbone=(module, mt.trainable))
   row['pt_over_mt'] = round(row['prompt_tuning'] / max(row['model_tuning'], 1e-9), 3)
   return row
 
