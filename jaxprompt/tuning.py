@@ -247,9 +247,3 @@ class TrainBatches:
     """Saves the position after `step` batches (called by the loop with each checkpoint)."""
     self._it.save(checkpointing.data_state_path(self.model_dir, step, self.index))
 
-
-def load_backbone(backbone, config=None, dropout_rate: float | None = None):
-  """(module, params, name) of a backbone; see `jaxprompt.checkpoints.backbone.load_backbone`."""
-  from jaxprompt.checkpoints.backbone import load_backbone as load
-  bb = load(backbone, config, dropout_rate)
-  return bb.module, bb.params, bb.name

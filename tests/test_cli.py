@@ -132,11 +132,11 @@ def test_prompt_ensemble_votes(tiny_setup):
   from jaxprompt.methods import get_method
   from jaxprompt.prompts import prompt_tree
   from jaxprompt.train import engine as engine_lib, evaluation
-  from jaxprompt.tuning import load_backbone
+  from jaxprompt.checkpoints.backbone import load_backbone
   s = tiny_setup
   cli.setup_tasks(s['spm'], s['train'], s['dev'], 'cli_task', 'text', 'target', 'label',
                   ['bad', 'good'])
-  module, _, _ = load_backbone(s['ckpt'])
+  module = load_backbone(s['ckpt']).module
   from conftest import random_params
   params = random_params(module.config, seed=5, std=0.5)  # sensitive to the prompt
   data = evaluation.load_eval_data('cli_task', 'validation', {'inputs': 16, 'targets': 4}, 8)

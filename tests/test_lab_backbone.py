@@ -9,7 +9,7 @@ from jaxprompt.evaluate import evaluate
 from jaxprompt.lab import backbone
 from jaxprompt.lab.tasks import SEQUENCE_LENGTH, seqio_name
 from jaxprompt.model import Transformer, init_params
-from jaxprompt.tuning import load_backbone
+from jaxprompt.checkpoints.backbone import load_backbone
 
 
 @pytest.fixture(scope='module')
@@ -24,7 +24,8 @@ def test_build_writes_a_real_checkpoint_and_is_reused(built):
   manifest = json.load(open(os.path.join(directory, 'manifest.json')))
   assert manifest['steps'] == 160 and 1e6 < manifest['parameters'] < 5e6
   assert os.path.exists(os.path.join(directory, 'vocabulary.model'))
-  module, params, _ = load_backbone(ckpt)
+  bb = load_backbone(ckpt)
+  module, params = bb.module, bb.params
   assert module.config.family == 't5_1_1' and module.config.emb_dim == 128
   before = os.path.getmtime(os.path.join(directory, 'manifest.json'))
   assert backbone.build(steps=160, cache_dir=cache) == ckpt  # cached: no second training
@@ -33,7 +34,8 @@ def test_build_writes_a_real_checkpoint_and_is_reused(built):
 
 def test_reduced_build_beats_a_random_backbone_on_a_source_task(built):
   _, ckpt = built
-  module, params, _ = load_backbone(ckpt)
+  bb = load_backbone(ckpt)
+  module, params = bb.module, bb.params
   random = (Transformer(module.config), init_params(module.config, 1))
   task = seqio_name('has_blue', prefixed=True)
   kwargs = dict(split='validation', feature_lengths=SEQUENCE_LENGTH, batch_size=100)

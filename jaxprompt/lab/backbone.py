@@ -203,10 +203,10 @@ def source_accuracy(checkpoint: str, max_examples: int = 200,
   from jaxprompt.evaluate import evaluate
   from jaxprompt.lab import SOURCE_TASKS
   from jaxprompt.lab.tasks import SEQUENCE_LENGTH, register_lab_tasks, seqio_name
-  from jaxprompt.tuning import load_backbone
+  from jaxprompt.checkpoints.backbone import load_backbone
   register_lab_tasks()
   from jaxprompt.train.evaluation import primary_score
-  backbone = load_backbone(checkpoint)[:2]
+  backbone = load_backbone(checkpoint)
   scores = {}
   for task in tasks or SOURCE_TASKS:
     metrics = evaluate(seqio_name(task, prefixed=True), backbone=backbone, split='validation',

@@ -29,9 +29,11 @@ def measure_task(task: str, ckpt: str, steps: int, prompt_length: int, work: str
   from jaxprompt.lab.tasks import SEQUENCE_LENGTH, seqio_name
   from jaxprompt.prompts.files import write_prompt
   from jaxprompt.train.evaluation import primary_score
-  from jaxprompt.tuning import load_backbone, tune
+  from jaxprompt.checkpoints.backbone import load_backbone
+  from jaxprompt.tuning import tune
   name = seqio_name(task)
-  module, params, _ = load_backbone(ckpt)
+  bb = load_backbone(ckpt)
+  module, params = bb.module, bb.params
   common = dict(feature_lengths=SEQUENCE_LENGTH, batch_size=100)
   row = {'task': task}
 
@@ -111,11 +113,12 @@ def measure_sources(ckpt: str, work: str, tasks=None, steps: int = SOURCE_STEPS,
   """
   from jaxprompt.lab import backbone
   from jaxprompt.lab.tasks import register_lab_tasks, seqio_name
-  from jaxprompt.tuning import load_backbone
+  from jaxprompt.checkpoints.backbone import load_backbone
   register_lab_tasks()
   tasks = tuple(tasks or goal_sources())
   prefixed = backbone.source_accuracy(ckpt, tasks=tasks)
-  module, params, _ = load_backbone(ckpt)
+  bb = load_backbone(ckpt)
+  module, params = bb.module, bb.params
   out = {}
   for task in tasks:
     r = _tune_prompt(seqio_name(task), (module, params), os.path.join(work, f'{task}_src'), steps,
@@ -143,12 +146,11 @@ def measure_transfer(ckpt: str, work: str, pairs=None, source_prompts=None,
               'transfer': {...}, 'gain': transfer best - class-label best}}.
   """
   from jaxprompt.lab.tasks import register_lab_tasks, seqio_name
-  from jaxprompt.tuning import load_backbone
+  from jaxprompt.checkpoints.backbone import load_backbone
   register_lab_tasks()
   pairs = dict(pairs or TRANSFER_PAIRS)
   source_prompts = dict(source_prompts or {})
-  module, params, _ = load_backbone(ckpt)
-  bb = (module, params)
+  bb = load_backbone(ckpt)
   out = {}
   for target, source in pairs.items():
     if source not in source_prompts:
