@@ -62,7 +62,9 @@ HELP = {
     'max_eval_examples': 'validate on the first N examples only',
     'metric': "validation metric selecting the best checkpoint ('score': the task's first)",
     'higher_is_better': 'direction of --metric', 'patience':
-    'stop after N validations without improvement', 'keep_checkpoints':
+    'stop after N validations without improvement', 'max_norm_growth':
+    "stop as diverged when the trainable's norm exceeds N times its initial norm (None: never)",
+    'keep_checkpoints':
     'periodic checkpoints kept', 'resume': 'continue the run in --model_dir',
     'progress': 'show a progress bar', 'coordinator_address': "multi-host: host:port of process 0 ('auto': the launcher's "
                            'environment, e.g. TPU pods, SLURM)',
@@ -122,6 +124,7 @@ class RunConfig:
   metric: str = 'score'
   higher_is_better: bool = True
   patience: int | None = None
+  max_norm_growth: float | None = 1e4
   keep_checkpoints: int = 2
   resume: bool = False
   progress: bool = True
@@ -133,7 +136,7 @@ class RunConfig:
   def __post_init__(self):
     check_types(self)
     positive = ('train_steps', 'batch_size', 'eval_period', 'log_period', 'num_partitions',
-                'prompt_length', 'eval_batch_size', 'max_eval_examples', 'patience',
+                'prompt_length', 'eval_batch_size', 'max_eval_examples', 'patience', 'max_norm_growth',
                 'keep_checkpoints', 'num_processes')
     for name in positive:
       value = getattr(self, name)

@@ -32,7 +32,7 @@ from jaxprompt.config import (FALLBACK_FEATURE_LENGTHS, FALLBACK_PROMPT_LENGTH, 
                               split_options)
 from jaxprompt.methods import Context, Method, get_method
 from jaxprompt.prompts import prompt as prompt_lib
-from jaxprompt.train import checkpointing, engine as engine_lib, evaluation, loop, steps
+from jaxprompt.train import checkpointing, engine as engine_lib, evaluation, loop, partitioning, steps
 
 
 @dataclasses.dataclass
@@ -142,11 +142,20 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
   # Checked first without writing (a directory of another run is left untouched), then held.
   checkpointing.prepare_run_dir(model_dir, manifest, config.resume, False, identity)
   lock = checkpointing.RunLock(model_dir).acquire() if is_writer else None
+  watch = None
+  if jax.process_count() > 1:
+    watch = partitioning.PeerWatch(f'restart every process with --resume to continue '
+                                   f'{model_dir} from its last checkpoint').start()
   try:
     checkpointing.prepare_run_dir(model_dir, manifest, config.resume, is_writer, identity)
     return _train(method, ctx, model_dir, eng, state, validation, extras, dropout_rng,
                   is_writer)
+  except Exception as e:
+    partitioning.lost_process_error(e)
+    raise
   finally:
+    if watch is not None:
+      watch.stop()
     if lock is not None:
       lock.release()
 
@@ -176,7 +185,8 @@ def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation,
       loop.LoopConfig(train_steps=config.train_steps, eval_period=config.eval_period,
                       log_period=config.log_period, keep_checkpoints=config.keep_checkpoints,
                       metric=config.metric, higher_is_better=config.higher_is_better,
-                      patience=config.patience, progress=config.progress, writer=is_writer),
+                      patience=config.patience, max_norm_growth=config.max_norm_growth,
+                      progress=config.progress, writer=is_writer),
       evaluate=validation, on_best=on_best, put_batch=eng.put_batch)
 
   final_metrics = result.evals[-1] if result.evals else None

@@ -7,7 +7,8 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 
 
-def main(root: str, out: str, coordinator: str | None, num_processes: int, process_id: int):
+def main(root: str, out: str, coordinator: str | None, num_processes: int, process_id: int,
+         train_steps: int = 6):
   import numpy as np
   import jax
   from jaxprompt.model import Transformer, get_config, init_params
@@ -20,7 +21,7 @@ def main(root: str, out: str, coordinator: str | None, num_processes: int, proce
   from jaxprompt.tuning import tune
   r = tune('contract_a', backbone=(Transformer(cfg), init_params(cfg, 0)),
            model_dir=os.path.join(root, 'run'), method='prompt_tuning',
-           **t.run_options('prompt_tuning', train_steps=6, eval_period=3, resume=True))
+           **t.run_options('prompt_tuning', train_steps=train_steps, eval_period=3, resume=True))
   if jax.process_index() == 0:
     prompt = np.asarray(jax.device_get(r.trainable['encoder']['prompt']['prompt']['prompt']))
     with open(out, 'w') as f:
@@ -30,4 +31,5 @@ def main(root: str, out: str, coordinator: str | None, num_processes: int, proce
 
 if __name__ == '__main__':
   coordinator = sys.argv[3] if sys.argv[3] != '-' else None
-  main(sys.argv[1], sys.argv[2], coordinator, int(sys.argv[4]), int(sys.argv[5]))
+  main(sys.argv[1], sys.argv[2], coordinator, int(sys.argv[4]), int(sys.argv[5]),
+       *(int(a) for a in sys.argv[6:7]))

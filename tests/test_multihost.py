@@ -45,3 +45,41 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   assert sorted(os.listdir(two / 'run' / 'data_state' / 'step_6')) == [
       'process_0.data-00000-of-00001', 'process_0.index', 'process_1.data-00000-of-00001',
       'process_1.index']
+
+
+def test_a_lost_process_stops_the_others_with_one_line_and_the_run_resumes(tmp_path):
+  """kill -9 of process 1 during training: process 0 exits within 60 s, its last line names the
+  lost process; restarting both processes resumes from the last checkpoint and finishes."""
+  import glob
+  import time
+  root, address = tmp_path / 'run', f'127.0.0.1:{_free_port()}'
+
+  def start(steps, address):
+    return [subprocess.Popen([sys.executable, WORKER, str(root), str(tmp_path / 'out.json'),
+                              address, '2', str(i), str(steps)], env=_env(1),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i in range(2)]
+
+  procs = start(100000, address)
+  deadline = time.monotonic() + 900
+  while not glob.glob(str(root / 'run' / 'checkpoints' / '3')):
+    assert time.monotonic() < deadline and procs[0].poll() is None, procs[0].stderr.read()[-3000:]
+    time.sleep(0.5)
+  procs[1].kill()
+  killed = time.monotonic()
+  _, err = procs[0].communicate(timeout=120)
+  assert time.monotonic() - killed < 60 and procs[0].returncode != 0
+  last = err.strip().splitlines()[-1]
+  assert last.startswith('jaxprompt: a process of this run was lost: process 1 of 2'), err[-3000:]
+  assert '--resume' in last and 'Traceback' not in err
+  procs[1].communicate()
+  from jaxprompt.train.checkpointing import Checkpointer
+  kept = max(Checkpointer(str(root / 'run' / 'checkpoints')).all_steps())
+  procs = start(kept + 3, f'127.0.0.1:{_free_port()}')
+  outs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert f'from step {kept}' in outs[0][1]
+  rows = [json.loads(line) for line in open(root / 'run' / 'metrics.jsonl')]
+  steps = [r['step'] for r in rows if r['split'] == 'train']
+  assert steps == sorted(set(steps)) and steps[-1] == kept + 3  # no duplicated rows

@@ -50,3 +50,83 @@ def test_a_second_run_in_a_held_directory_is_refused(world, tmp_path):  # noqa: 
       _tune(world, 'prompt_tuning', run, train_steps=4, eval_period=2, resume=True)
   finally:
     holder.release()
+
+
+def test_a_finite_but_exploding_trainable_is_stopped_as_diverged(world, tmp_path):  # noqa: F811
+  """lr 1e30 (the measured case): the prompt stays finite (~1e30) while its gradients vanish,
+  so no non-finite check fires; the run stops as diverged at the first such step and keeps
+  the initial prompt as the best, never the exploded one."""
+  run = str(tmp_path / 'run')
+  with pytest.raises(loop.DivergedError) as e:
+    _tune(world, 'prompt_tuning', run, learning_rate=1e30, eval_period=5, log_period=10,
+          train_steps=20)
+  assert 'diverged at step 1:' in str(e.value) and '(step 0)' in str(e.value)
+  assert checkpointing.Checkpointer(os.path.join(run, 'checkpoints')).all_steps() == [0]
+  from jaxprompt.prompts.files import read_prompt
+  best = read_prompt(os.path.join(run, 'prompt_best.safetensors'))
+  assert best.metadata['step'] == 0 and np.abs(best.value).max() < 1e3
+  # The check is a setting: switched off, the same rate trains on (and the prompt explodes).
+  other = _tune(world, 'prompt_tuning', str(tmp_path / 'off'), learning_rate=1e30,
+                eval_period=5, log_period=10, train_steps=5, max_norm_growth=None)
+  assert other.step == 5
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  """A real file system of 6 MB (tmpfs), to fill or to make read-only; skips where mounting
+  is not permitted (a non-root user, a locked-down container)."""
+  import subprocess
+  mount = tmp_path / 'disk'
+  mount.mkdir()
+  if subprocess.run(['mount', '-t', 'tmpfs', '-o', 'size=6m', 'tmpfs', str(mount)],
+                    capture_output=True).returncode != 0:
+    pytest.skip('cannot mount a tmpfs here (needs root)')
+  yield mount
+  subprocess.run(['umount', '-l', str(mount)], capture_output=True)
+
+
+def _size(path):
+  return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
+
+
+def test_a_full_disk_stops_with_one_line_and_keeps_the_earlier_checkpoints(world, small_disk,
+                                                                           tmp_path, capfd):  # noqa: F811
+  """The disk fills up between two checkpoints: one line naming the directory, the free space
+  and what a checkpoint needs; no Orbax/TensorFlow tracebacks; the half-written checkpoint is
+  removed, the earlier ones restore; after freeing space --resume finishes the run."""
+  probe = str(tmp_path / 'probe')  # how much the run writes up to step 4, and per checkpoint
+  _tune(world, 'prompt_tuning', probe, train_steps=4, eval_period=4)
+  at_4 = _size(probe)
+  per_checkpoint = _size(os.path.join(probe, 'checkpoints', '4')) + _size(
+      os.path.join(probe, 'data_state', 'step_4'))
+  run = str(small_disk / 'run')
+  filler = small_disk / 'filler'
+  import shutil
+  free = shutil.disk_usage(small_disk).free
+  filler.write_bytes(b'\0' * max(0, free - at_4 - per_checkpoint // 2 - 64 * 1024))
+  capfd.readouterr()
+  with pytest.raises(checkpointing.RunStorageError) as e:
+    _tune(world, 'prompt_tuning', run, train_steps=12, eval_period=4)
+  message = str(e.value)
+  assert '\n' not in message and run in message and 'no space left on device' in message
+  assert 'free' in message and 'continues from step' in message
+  err = capfd.readouterr().err
+  assert 'Traceback' not in err and 'ERROR:absl' not in err
+  kept = checkpointing.Checkpointer(os.path.join(run, 'checkpoints')).all_steps()
+  assert kept and max(kept) >= 4 and not [
+      n for n in os.listdir(os.path.join(run, 'checkpoints')) if 'tmp' in n]
+  assert f'step {max(kept)}' in message
+  filler.unlink()
+  result = _tune(world, 'prompt_tuning', run, train_steps=12, eval_period=4, resume=True)
+  assert result.step == 12
+
+
+def test_a_read_only_run_directory_is_one_line(world, small_disk):  # noqa: F811
+  import subprocess
+  run = str(small_disk / 'run')
+  _tune(world, 'prompt_tuning', run, train_steps=2, eval_period=2)
+  subprocess.run(['mount', '-o', 'remount,ro', str(small_disk)], check=True)
+  with pytest.raises(OSError) as e:
+    _tune(world, 'prompt_tuning', run, train_steps=4, eval_period=2, resume=True)
+  assert '\n' not in str(e.value) and run in str(e.value) and 'read-only' in str(e.value)
+  assert '--model_dir' in str(e.value)

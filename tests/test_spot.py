@@ -304,3 +304,49 @@ def test_notebook_runs(tmp_path, monkeypatch):
   assert 'library:' in text and 'ranked' in text and 'transfer' in text
   assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
   assert os.path.exists(tmp_path / 'work' / 'library' / 'index.json')
+
+
+def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys):
+  """`jaxprompt spot lab` (the issue's section-5 evidence) on a 40-step lab backbone at tiny
+  settings: every stage runs, the files are written, a rerun with the same --work reuses the
+  finished stages, and bad input gets one line."""
+  monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('JAXPROMPT_LAB_STEPS', '40')
+  out, work = str(tmp_path / 'res' / 'spot_lab'), str(tmp_path / 'work')
+  argv = ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority', '--targets',
+          'minority', '--source_steps', '2', '--source_batch', '2', '--source_eval_period', '2',
+          '--embedding_steps', '2', '--target_steps', '2', '--target_batch', '2',
+          '--eval_period', '2', '--max_eval_examples', '4', '--top_k', '2', '--work', work,
+          '--out', out]
+  assert cli.main(argv) == 0
+  text = capsys.readouterr().out
+  assert '| minority |' in text and 'Retrieval evaluation (shared' in text
+  for ext in ('json', 'csv', 'md', 'png'):
+    assert os.path.getsize(f'{out}.{ext}') > 0
+  for kind in ('shared', 'independent'):
+    for ext in ('md', 'csv', 'png', 'json'):
+      assert os.path.getsize(f'{out}_retrieval_{kind}.{ext}') > 0
+  res = json.loads(open(f'{out}.json').read())
+  row = res['targets']['minority']
+  # 3 prompt-tuning / generic rows, 2 weighted averages, 2 sources: equal budgets in one run.
+  assert res['settings']['transfer_rows'] == 7
+  assert set(row['by_source']) == {'has_red', 'majority'}
+  assert row['oracle']['score'] == max(row['by_source'].values())
+  assert set(row['best_retrieved']) == {'shared', 'independent'}
+  assert row['model_tuning'] is not None and 'gap_closed' in row
+  assert row['same_skill']['sources'] == ['majority']
+  assert row['unrelated']['sources'] == ['has_red']
+  assert {'shared/per_token', 'shared_delta/per_token', 'independent/avg_tokens'} <= set(
+      res['retrieval'])
+  assert cli.main(argv) == 2  # the files exist
+  assert '--overwrite' in capsys.readouterr().err
+  assert cli.main(argv + ['--overwrite']) == 0
+  again = capsys.readouterr().out
+  assert again.count(': reusing ') == 5  # sources, generic, embeddings, transfer, model tuning
+  assert json.loads(open(f'{out}.json').read())['targets']['minority']['by_source'] == \
+      row['by_source']
+  for bad, needle in ((['--targets', 'no_such_task'], 'not lab tasks'),
+                      (['--targets', 'majority'], 'both a source and a target')):
+    assert cli.main(argv[:-2] + ['--out', str(tmp_path / 'x')] + bad) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count('\n') == 0 and needle in err, err

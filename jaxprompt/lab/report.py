@@ -78,6 +78,32 @@ SOURCE_STEPS = 600
 TRANSFER_STEPS = 400
 
 
+# Filler of a prefix-initialised prompt: the lab's function words (labels of no source's input
+# category, so a counting or filtering skill has nothing extra to count or copy), cycled.
+_FILLER = ('yes', 'no', 'even', 'odd', 'colour', 'animal', 'number')
+
+
+def prefix_prompt_text(task: str, length: int) -> str:
+  """The text of a `length`-token prompt that ends with `task`'s prefix token.
+
+  The backbone was pretrained on `'<prefix> <inputs>'`, and the prompt sits before the inputs,
+  so its last position is where the prefix was: a prompt initialised from this text
+  (`prompt_init='text'`) starts at the prefix's relative distance to the inputs. The positions
+  before it hold function words (`_FILLER`, cycled). With `length` 1 the prompt is the prefix.
+  """
+  from jaxprompt.lab import get_task
+  from jaxprompt.lab.tasks import world_name
+  filler = [_FILLER[i % len(_FILLER)] for i in range(length - 1)]
+  return ' '.join(filler + [get_task(world_name(task)).prefix.strip()])
+
+
+def _init_options(task: str, init: str, prompt_length: int) -> dict:
+  """`tune` options of a source prompt's initialisation: 'prefix' or any `prompt_init` name."""
+  if init == 'prefix':
+    return dict(prompt_init='text', prompt_init_text=prefix_prompt_text(task, prompt_length))
+  return dict(prompt_init=init)
+
+
 def goal_sources() -> tuple[str, ...]:
   """The source tasks whose skill has a target counterpart (`GOAL_SKILLS`)."""
   from jaxprompt.lab import SOURCE_TASKS, get_task

@@ -9,6 +9,7 @@ Layout of a run directory (MODEL_DIR):
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
@@ -42,8 +43,11 @@ class RunLock:
     import fcntl
     import socket
     import time
-    os.makedirs(os.path.dirname(self.path), exist_ok=True)
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      os.makedirs(os.path.dirname(self.path), exist_ok=True)
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise unwritable(os.path.dirname(self.path), e) from None
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -95,11 +99,14 @@ def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = Tru
                             '--model_dir')
   if not write:
     return False
-  os.makedirs(model_dir, exist_ok=True)
   tmp = path + '.tmp'
-  with open(tmp, 'w') as f:
-    json.dump(manifest, f, indent=2, sort_keys=True, default=str)
-  os.replace(tmp, path)
+  try:
+    os.makedirs(model_dir, exist_ok=True)
+    with open(tmp, 'w') as f:
+      json.dump(manifest, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+  except OSError as e:
+    raise unwritable(model_dir, e) from None
   return False
 
 
@@ -124,9 +131,108 @@ def prune_data_states(model_dir: str, keep_steps) -> None:
       shutil.rmtree(os.path.join(root, name), ignore_errors=True)
 
 
+class RunStorageError(OSError):
+  """A checkpoint could not be written (disk full, read-only or unwritable directory)."""
+
+  def __str__(self):
+    return self.strerror or super().__str__()
+
+
+_STORAGE_FAULTS = {errno.ENOSPC: 'no space left on device', errno.EDQUOT: 'disk quota exceeded',
+                   errno.EROFS: 'read-only file system', errno.EACCES: 'permission denied',
+                   errno.EPERM: 'operation not permitted'}
+
+
+def unwritable(model_dir: str, error: OSError) -> OSError:
+  """One line for a run directory that cannot be written at all."""
+  fault = storage_fault(error) or (error.strerror or str(error)).lower()
+  return RunStorageError(error.errno or errno.EIO, f'{model_dir}: {fault}; make the directory '
+                         'writable, free space, or give another --model_dir')
+
+
+def storage_fault(error: BaseException) -> str | None:
+  """What went wrong, if `error` (or its cause) is a storage fault: OSError's errno, or the text
+  TensorFlow's and Orbax's wrapped errors carry."""
+  seen = set()
+  while error is not None and id(error) not in seen:
+    seen.add(id(error))
+    if isinstance(error, OSError) and error.errno in _STORAGE_FAULTS:
+      return _STORAGE_FAULTS[error.errno]
+    text = str(error).lower()
+    for fault in _STORAGE_FAULTS.values():
+      if fault in text:
+        return fault
+    error = error.__cause__ or error.__context__
+  return None
+
+
+def _size(path: str) -> int:
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:
+        pass
+  return total
+
+
+def _mb(n: float) -> str:
+  return f'{n / 2**20:.1f} MB'
+
+
+def checkpoint_storage_error(error: BaseException, model_dir: str, step: int,
+                             kept: int | None) -> RunStorageError | None:
+  """One line for a checkpoint write that failed on storage (None if it is another error):
+  names the directory, the free space and what one checkpoint needs, and the step the run
+  continues from. The half-written checkpoint of `step` is removed; earlier ones are kept."""
+  fault = storage_fault(error)
+  if fault is None:
+    return None
+  import shutil
+  for partial in (os.path.join(model_dir, 'data_state', f'step_{step}'),
+                  *[os.path.join(model_dir, d, name) for d in ('checkpoints', 'best')
+                    if os.path.isdir(os.path.join(model_dir, d))
+                    for name in os.listdir(os.path.join(model_dir, d))
+                    if name.startswith(f'{step}.') or name == str(step) and not os.path.exists(
+                        os.path.join(model_dir, d, name, '_CHECKPOINT_METADATA'))]):
+    shutil.rmtree(partial, ignore_errors=True)
+  where = (f'--resume continues from step {kept}' if kept is not None
+           else 'no checkpoint was written yet')
+  if fault in ('no space left on device', 'disk quota exceeded'):
+    need = ''
+    if kept is not None:
+      need = _size(os.path.join(model_dir, 'checkpoints', str(kept))) + _size(
+          os.path.join(model_dir, 'data_state', f'step_{kept}'))
+      need = f', a checkpoint needs about {_mb(need)}'
+    free = shutil.disk_usage(model_dir).free
+    return RunStorageError(errno.ENOSPC, f'{model_dir}: {fault} writing the checkpoint of step '
+                           f'{step} ({_mb(free)} free{need}); free some space, then {where}'
+                           if kept is not None else f'{model_dir}: {fault} writing the '
+                           f'checkpoint of step {step} ({_mb(free)} free); free some space and '
+                           'start again')
+  return RunStorageError(errno.EROFS if 'read-only' in fault else errno.EACCES,
+                         f'{model_dir}: {fault} writing the checkpoint of step {step}; make the '
+                         f'directory writable or give another --model_dir ({where})')
+
+
 def read_manifest(model_dir: str) -> dict[str, Any]:
   with open(os.path.join(model_dir, MANIFEST)) as f:
     return json.load(f)
+
+
+class _quiet_orbax:
+  """Orbax logs a failed write from each of its threads (hundreds of lines on a full disk) and
+  then raises it; the raised error is all the run needs."""
+
+  def __enter__(self):
+    import logging
+    self._logger = logging.getLogger('absl')
+    self._level = self._logger.level
+    self._logger.setLevel(logging.CRITICAL)
+
+  def __exit__(self, *exc):
+    self._logger.setLevel(self._level)
 
 
 class Checkpointer:
@@ -142,9 +248,10 @@ class Checkpointer:
     state = {'step': state.step, 'trainable': state.trainable, 'opt_state': state.opt_state}
     if step in self._manager.all_steps():
       return
-    self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                     meta=ocp.args.JsonSave(meta)))
-    self._manager.wait_until_finished()
+    with _quiet_orbax():  # a failed write is raised here; its threads' tracebacks are noise
+      self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                       meta=ocp.args.JsonSave(meta)))
+      self._manager.wait_until_finished()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -15,13 +15,20 @@ from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
+import optax
 
-from jaxprompt.train.checkpointing import Checkpointer, prune_data_states
+from jaxprompt.train.checkpointing import (Checkpointer, checkpoint_storage_error,
+                                          prune_data_states)
 from jaxprompt.train.summaries import MetricsLog, plot_run
 
 
 class NonFiniteLossError(FloatingPointError):
   pass
+
+
+class DivergedError(NonFiniteLossError):
+  """The trainable stayed finite but grew by orders of magnitude (a learning rate far too high:
+  at lr 1e30 a prompt reaches ~1e30, its gradients vanish, and validation cannot tell)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +47,10 @@ class LoopConfig:
   metric: str = 'loss_per_token'
   higher_is_better: bool = False
   patience: int | None = None
+  # A step after which the trainable's global norm exceeds this multiple of its norm at step 0
+  # counts as diverged, like a non-finite one (None: no check). Tuning at sane rates moves a
+  # prompt's norm by well under 10x; an overflowing rate moves it by 1e20x and more.
+  max_norm_growth: float | None = 1e4
   progress: bool = True
   writer: bool = True  # this process writes the run's logs and plot (process 0 of a multi-host run)
 
@@ -94,6 +105,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     state, meta = checkpoints.restore(state)
     print(f'resuming {model_dir} from step {int(state.step)}', file=sys.stderr)
   step = int(state.step)
+  if meta.get('initial_norm') is None:  # the yardstick of divergence: the norm at step 0
+    meta['initial_norm'] = float(jax.jit(optax.global_norm)(state.trainable))  # global arrays too
   if log is not None:
     log.truncate(step)
 
@@ -115,6 +128,16 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     return config.patience is not None and meta['bad_evals'] >= config.patience, is_best
 
   def save(step: int, is_best: bool) -> None:
+    kept = checkpoints.latest_step()
+    try:
+      write(step, is_best)
+    except Exception as e:  # disk full, read-only: one line, earlier checkpoints intact
+      error = checkpoint_storage_error(e, model_dir, step, kept)
+      if error is None:
+        raise
+      raise error from None
+
+  def write(step: int, is_best: bool) -> None:
     # The periodic checkpoint first: a best checkpoint or product never runs ahead of the
     # checkpoint a resumed run starts from. The data position goes first of all, so a
     # checkpoint never exists without it.
@@ -149,55 +172,68 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
   stopped_early = False
   pending: list[dict] = []
   tick, tick_step = time.perf_counter(), step
-  while step < config.train_steps:
-    try:
-      batch = next(source)
-    except StopIteration:
-      raise RuntimeError(f'the training data ran out at step {step}; repeat the dataset or '
-                         'lower the number of train steps') from None
-    state, metrics = train_step(state, frozen, put_batch(batch), rng)
-    pending.append(metrics)
-    step += 1
-    at_checkpoint = step % config.eval_period == 0 or step == config.train_steps
-    if step % config.log_period == 0 or at_checkpoint:
-      host = jax.device_get(pending)
-      pending = []
-      bad = [step - len(host) + 1 + i for i, m in enumerate(host) if bool(m['nonfinite'])]
-      if bad:  # before anything of this state is evaluated, saved or called best
-        kept = checkpoints.latest_step()
-        where = (f'{model_dir}/checkpoints holds the last good state (step {kept}); lower the '
-                 'learning rate (or check the data) and continue it with --resume'
-                 if kept is not None else 'no checkpoint was written yet; start again with a '
-                 'lower learning rate (or check the data)')
-        raise NonFiniteLossError(f'non-finite loss, gradient or update at step {bad[0]}: '
-                                 f'training stopped; {where}')
-      summed = {k: float(np.sum([m[k] for m in host])) for k in ('loss', 'weight_sum',
-                                                                  'num_correct', 'z_loss')}
-      now = time.perf_counter()
-      rate = (step - tick_step) / max(now - tick, 1e-9)
-      tick, tick_step = now, step
-      row = {'loss': summed['loss'] / len(host),
-             'loss_per_token': summed['loss'] / max(summed['weight_sum'], 1e-9),
-             'accuracy': summed['num_correct'] / max(summed['weight_sum'], 1e-9),
-             'z_loss': summed['z_loss'] / len(host), 'grad_norm': float(host[-1]['grad_norm']),
-             'steps_per_sec': rate}
-      if log is not None:
-        log.write(step, 'train', row)
+  try:
+    while step < config.train_steps:
+      try:
+        batch = next(source)
+      except StopIteration:
+        raise RuntimeError(f'the training data ran out at step {step}; repeat the dataset or '
+                           'lower the number of train steps') from None
+      state, metrics = train_step(state, frozen, put_batch(batch), rng)
+      pending.append(metrics)
+      step += 1
+      at_checkpoint = step % config.eval_period == 0 or step == config.train_steps
+      if step % config.log_period == 0 or at_checkpoint:
+        host = jax.device_get(pending)
+        pending = []
+        first = step - len(host) + 1
+        bad = [first + i for i, m in enumerate(host) if bool(m['nonfinite'])]
+        limit = (None if config.max_norm_growth is None or not meta['initial_norm'] else
+                 config.max_norm_growth * meta['initial_norm'])
+        grown = [(first + i, float(m['trainable_norm'])) for i, m in enumerate(host)
+                 if limit is not None and float(m['trainable_norm']) > limit]
+        if bad or grown:  # before anything of this state is evaluated, saved or called best
+          kept = checkpoints.latest_step()
+          where = (f'{model_dir}/checkpoints holds the last good state (step {kept}); lower the '
+                   'learning rate (or check the data) and continue it with --resume'
+                   if kept is not None else 'no checkpoint was written yet; start again with a '
+                   'lower learning rate (or check the data)')
+          if bad and (not grown or bad[0] <= grown[0][0]):
+            raise NonFiniteLossError(f'non-finite loss, gradient or update at step {bad[0]}: '
+                                     f'training stopped; {where}')
+          at, norm = grown[0]
+          raise DivergedError(
+              f'diverged at step {at}: the trainable\'s norm grew from {meta["initial_norm"]:.3g} '
+              f'to {norm:.3g} ({norm / meta["initial_norm"]:.1e}x, over the '
+              f'{config.max_norm_growth:g}x limit): training stopped; {where}')
+        summed = {k: float(np.sum([m[k] for m in host])) for k in ('loss', 'weight_sum',
+                                                                    'num_correct', 'z_loss')}
+        now = time.perf_counter()
+        rate = (step - tick_step) / max(now - tick, 1e-9)
+        tick, tick_step = now, step
+        row = {'loss': summed['loss'] / len(host),
+               'loss_per_token': summed['loss'] / max(summed['weight_sum'], 1e-9),
+               'accuracy': summed['num_correct'] / max(summed['weight_sum'], 1e-9),
+               'z_loss': summed['z_loss'] / len(host), 'grad_norm': float(host[-1]['grad_norm']),
+               'steps_per_sec': rate}
+        if log is not None:
+          log.write(step, 'train', row)
+        if progress is not None:
+          progress.set_postfix(loss=f'{row["loss_per_token"]:.4f}', steps_s=f'{rate:.2f}')
       if progress is not None:
-        progress.set_postfix(loss=f'{row["loss_per_token"]:.4f}', steps_s=f'{rate:.2f}')
+        progress.update(1)
+      if at_checkpoint:
+        is_best = False
+        if evaluate is not None:
+          stopped_early, is_best = run_eval(step)
+        save(step, is_best)
+        if stopped_early:
+          print(f'early stopping at step {step}: no improvement of {config.metric} in '
+                f'{config.patience} evaluations', file=sys.stderr)
+          break
+  finally:  # the bar ends its line before any message
     if progress is not None:
-      progress.update(1)
-    if at_checkpoint:
-      is_best = False
-      if evaluate is not None:
-        stopped_early, is_best = run_eval(step)
-      save(step, is_best)
-      if stopped_early:
-        print(f'early stopping at step {step}: no improvement of {config.metric} in '
-              f'{config.patience} evaluations', file=sys.stderr)
-        break
-  if progress is not None:
-    progress.close()
+      progress.close()
   if step not in checkpoints.all_steps():
     save(step, False)
   checkpoints.close()

@@ -257,6 +257,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+# jax's own verdict on a process that sends no heartbeat (after `PeerWatch` has reported it):
+# well under a minute, and long enough for a busy host's compile or checkpoint write.
+HEARTBEAT_TIMEOUT_S = 30
+
+
 def initialize_distributed(
     coordinator_address: str | None = None,
     num_processes: int | None = None,
@@ -296,10 +301,98 @@ def initialize_distributed(
       coordinator_address=coordinator_address,
       num_processes=num_processes,
       process_id=process_id,
-      heartbeat_timeout_seconds=30)  # a lost process stops the others in well under a minute
+      heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S)
   log.info('jax.distributed initialized: process %d of %d.',
            jax.process_index(), jax.process_count())
   return True
+
+
+class PeerWatch:
+  """Each process of a multi-host run beats in the coordination service's key-value store every
+  second and watches the others' beats; when one stops for `LOST_AFTER_S`, the watcher prints
+  one line naming it and what to do, and exits (status 1). jax's own verdict comes later (its
+  heartbeat timeout) and aborts with a C++ stack trace; a collective whose peer died fails at
+  once, before either (`lost_process_error` waits for the watcher then). A lost coordinator
+  (process 0) takes the store with it, which the watcher reports as such."""
+
+  LOST_AFTER_S = 15.0
+  _runs = 0  # one key prefix per run of this session (every process counts the same runs)
+
+  def __init__(self, advice: str):
+    from jax._src import distributed as dist
+    self._client = dist.global_state.client
+    self._advice, self._stop = advice, None
+    PeerWatch._runs += 1
+    self._prefix = f'jaxprompt/run{PeerWatch._runs}'
+
+  def start(self) -> 'PeerWatch':
+    import threading
+    self._stop = threading.Event()
+    threading.Thread(target=self._watch, name='jaxprompt-peer-watch', daemon=True).start()
+    return self
+
+  def stop(self) -> None:
+    """This process is done: the others no longer expect its beat."""
+    if self._stop is not None and not self._stop.is_set():
+      self._stop.set()
+      try:
+        self._client.key_value_set(f'{self._prefix}/done/{jax.process_index()}', '1',
+                                   allow_overwrite=True)
+      except Exception:  # noqa: BLE001 - the store is gone: nobody is waiting
+        pass
+
+  def _lost(self, who: str) -> None:
+    import os
+    import sys
+    sys.stderr.write(f'\njaxprompt: a process of this run was lost: {who}; {self._advice}\n')
+    sys.stderr.flush()
+    os._exit(1)  # the runtime cannot shut down without its peers
+
+  def _watch(self) -> None:
+    import time
+    me, count = jax.process_index(), jax.process_count()
+    last = {i: (None, time.monotonic()) for i in range(count) if i != me}
+    beat = 0
+    while not self._stop.wait(1.0):
+      beat += 1
+      try:
+        self._client.key_value_set(f'{self._prefix}/beat/{me}', str(beat), allow_overwrite=True)
+        for i in list(last):
+          try:
+            self._client.key_value_try_get(f'{self._prefix}/done/{i}')
+            del last[i]  # finished: no more beats to expect
+            continue
+          except Exception:  # noqa: BLE001 - not done (NOT_FOUND)
+            pass
+          try:
+            value = self._client.key_value_try_get(f'{self._prefix}/beat/{i}')
+          except Exception:  # noqa: BLE001 - no beat yet
+            value = None
+          if value != last[i][0]:
+            last[i] = (value, time.monotonic())
+      except Exception:  # noqa: BLE001 - the store is unreachable
+        if self._stop.is_set():
+          return
+        self._lost(f'the coordinator (process 0 of {count}) cannot be reached')
+      now = time.monotonic()  # a process not yet seen gets time to start up (compiles)
+      gone = sorted(i for i, (value, seen) in last.items()
+                    if now - seen > self.LOST_AFTER_S * (1 if value is not None else 8))
+      if gone and not self._stop.is_set():
+        self._lost(', '.join(f'process {i}' for i in gone) + f' of {count} stopped '
+                   f'answering {self.LOST_AFTER_S:.0f} s ago')
+
+
+def lost_process_error(error: BaseException) -> None:
+  """An error in a multi-host run that a dead peer explains (a collective: gloo "Connection
+  reset by peer"; a barrier) waits here for the `PeerWatch` verdict, which ends the process
+  with one line; other errors return at once to be raised."""
+  import re
+  import time
+  if jax.process_count() == 1 or not re.search(
+      r'Gloo|gloo|Connection (reset|closed|refused)|peer|DEADLINE_EXCEEDED|UNAVAILABLE|'
+      r'[Bb]arrier|coordination|heartbeat', str(error)):
+    return
+  time.sleep(PeerWatch.LOST_AFTER_S + 10)
 
 
 def host_shard_info() -> tuple[int, int]:

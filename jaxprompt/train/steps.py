@@ -108,7 +108,8 @@ def make_train_step(module: Transformer, model_inputs: ModelInputs,
     # A branch rather than a per-leaf select: the skipped update is never computed.
     new_state = jax.lax.cond(finite, apply, lambda state: state, state)
     finite = finite & (new_state.step > state.step)
-    metrics = dict(metrics, nonfinite=~finite, grad_norm=optax.global_norm(grads))
+    metrics = dict(metrics, nonfinite=~finite, grad_norm=optax.global_norm(grads),
+                   trainable_norm=optax.global_norm(new_state.trainable))
     return new_state, metrics
 
   return train_step
