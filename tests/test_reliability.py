@@ -130,3 +130,14 @@ def test_a_read_only_run_directory_is_one_line(world, small_disk):  # noqa: F811
     _tune(world, 'prompt_tuning', run, train_steps=4, eval_period=2, resume=True)
   assert '\n' not in str(e.value) and run in str(e.value) and 'read-only' in str(e.value)
   assert '--model_dir' in str(e.value)
+
+
+@pytest.mark.slow  # the drill's small setting: a minute or two; benchmarks/kill_drill.py runs the full one
+def test_the_kill_drill_resumes_killed_runs_bit_for_bit(tmp_path):
+  import sys
+  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'benchmarks'))
+  import kill_drill
+  result = kill_drill.drill(runs=1, kills=2, steps=9, work=str(tmp_path))
+  assert result['kills'] >= 1 and result['resumed'] == 2
+  assert result['identical_finals'] == 1, result['records']
+  assert result['duplicate_rows'] == 0 and result['leftover_files'] == 0, result['records']
