@@ -356,7 +356,8 @@ def _export_command(args) -> int:
 def _lab_command(args) -> int:
   from jaxprompt.lab import backbone, report
   if args.lab_command == 'build':
-    path = backbone.build(steps=args.steps, force=args.force, preset=args.preset)
+    path = backbone.build(steps=args.steps, force=args.force, seed=args.seed,
+                          preset=backbone.with_width(args.preset, args.width))
     print(f'lab backbone: {path}')
   elif args.lab_command == 'path':
     print(backbone.build(preset=args.preset))
@@ -462,6 +463,11 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument('--preset', default=None,
                  help="backbone preset: demo (default, the demo's) or methods (stronger sources "
                       'for the methods\' evidence)')
+  b.add_argument('--width', type=int, default=None,
+                 help="a second backbone of another model width (e.g. 96: the projector's "
+                      "source): the preset's settings with d_model WIDTH, mlp 2 x WIDTH, its heads "
+                      'of WIDTH / heads; cached next to the first')
+  b.add_argument('--seed', type=int, default=0, help='initialisation and data-order seed (0)')
   pa = lab_sub.add_parser('path', help="print the lab backbone's checkpoint path (built if needed)")
   pa.add_argument('--preset', default=None, help='backbone preset (default demo)')
   r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab')

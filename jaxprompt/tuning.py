@@ -171,7 +171,8 @@ def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation,
   product_meta = dict(backbone=bb.name, backbone_fingerprint=bb.fingerprint, task=task,
                       tasks=list(ctx.tasks),
                       init=f'from {config.init_from}' if config.init_from else config.prompt_init,
-                      position=config.prompt_position, t5_config=bb.module.config.to_dict())
+                      position=config.prompt_position, t5_config=bb.module.config.to_dict(),
+                      **method.product_metadata(ctx))
   best_stem = os.path.join(model_dir, 'model_best' if method.trains_backbone else 'prompt_best')
   best_path: list[str] = []
 

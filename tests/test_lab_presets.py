@@ -86,6 +86,21 @@ def test_transfer_plan_pairs_targets_with_same_skill_sources():
     assert world.relatedness(target, source) == 1.0
 
 
+def test_prefix_prompt_text_ends_with_the_task_prefix_token():
+  from jaxprompt.lab.tasks import get_lab_vocabulary, register_lab_tasks
+  register_lab_tasks()
+  vocab = get_lab_vocabulary()
+  prefix_id = list(vocab.encode('count_colours:'))
+  assert len(prefix_id) == 1
+  for length in (1, 3, 10, 20):
+    ids = list(vocab.encode(report.prefix_prompt_text('count_colours', length)))
+    assert len(ids) == length and ids[-1:] == prefix_id
+    assert prefix_id[0] not in ids[:-1]
+  assert report.prefix_prompt_text('lab_first_word', 1) == 'first_word:'
+  assert report._init_options('majority', 'prefix', 4) == dict(  # pylint: disable=protected-access
+      prompt_init='text', prompt_init_text='yes no even majority:')
+
+
 def test_relative_position_tables_get_their_own_learning_rate():
   import jax
   import jax.numpy as jnp

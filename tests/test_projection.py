@@ -201,3 +201,25 @@ def test_gin_run_files_parse(run_file):
       assert gin.query_parameter('%HIDDEN') == 768 and gin.query_parameter('%ACTIVATION') == 'tanh'
   finally:
     gin.clear_config()
+
+
+def test_lab_build_second_backbone_of_another_width_and_seed(monkeypatch, capsys):
+  """`jaxprompt lab build --width 96 --seed 1`: the preset's settings at another width, its own
+  cache directory; the preset's own width is the preset itself (same cache path)."""
+  from jaxprompt.lab import backbone
+  p = backbone.with_width('methods', 96)
+  assert (p['emb_dim'], p['mlp_dim'], p['num_heads'], p['head_dim']) == (96, 192, 8, 12)
+  assert p['name'] == 'methods_w96' and p['relpos_lr_scale'] == 10.0 and p['batch_size'] == 128
+  assert backbone.with_width('methods', 128) == 'methods'
+  assert backbone.with_width(None, None) is None
+  assert backbone.backbone_dir(seed=1, preset=p) != backbone.backbone_dir(seed=1, preset='methods')
+  assert 'methods_w96_1200steps_seed1_' in backbone.backbone_dir(seed=1, preset=p)
+  with pytest.raises(ValueError, match='multiple'):
+    backbone.with_width('methods', 100)
+  calls = []
+  monkeypatch.setattr(backbone, 'build', lambda **kw: calls.append(kw) or '/x/checkpoint_1')
+  assert cli.main(['lab', 'build', '--preset', 'methods', '--width', '96', '--seed', '1']) == 0
+  assert calls[-1]['seed'] == 1 and calls[-1]['preset'] == p
+  assert cli.main(['lab', 'build']) == 0
+  assert calls[-1]['seed'] == 0 and calls[-1]['preset'] is None
+  assert 'lab backbone: /x/checkpoint_1' in capsys.readouterr().out

@@ -68,6 +68,22 @@ def preset_config(preset: str | dict | None = None, steps: int | None = None) ->
   return cfg
 
 
+def with_width(preset: str | dict | None, width: int | None) -> str | dict | None:
+  """`preset` at another model width (a second lab backbone, e.g. the projector's source):
+  emb_dim = width, mlp_dim = 2 x width, the preset's number of heads of width // heads each,
+  every other setting the preset's; named '<preset>_w<width>'. None or the preset's own width:
+  the preset unchanged (same cache path)."""
+  cfg = preset_config(preset)
+  if not width or int(width) == cfg['emb_dim']:
+    return preset
+  width, heads = int(width), cfg['num_heads']
+  if width <= 0 or width % heads:
+    raise ValueError(f'width {width}: must be a positive multiple of the preset\'s {heads} heads')
+  cfg.pop('steps')
+  return dict(cfg, emb_dim=width, mlp_dim=2 * width, head_dim=width // heads,
+              name=f'{cfg["name"]}_w{width}')
+
+
 def lab_config(vocab_size: int, preset: str | dict | None = None) -> T5Config:
   """The T5.1.1 config of a preset; 'demo': ~1.2M parameters, d 128, 4 heads of 32, mlp 256,
   3 + 3 layers, gated-gelu, untied."""

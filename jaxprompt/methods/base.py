@@ -107,6 +107,12 @@ class Method:
                  overwrite=True)
     return path
 
+  def product_metadata(self, ctx: Context) -> dict[str, Any]:
+    """What this method adds to the metadata of its products (the driver gives backbone, task,
+    tasks, init, step and metrics): facts of the run that the product must carry."""
+    del ctx
+    return {}
+
   def product_masks(self, extras: dict[str, Any]) -> dict[str, Any]:
     del extras
     return {}

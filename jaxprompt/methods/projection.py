@@ -211,12 +211,11 @@ class ProjectorTuning(Method):
 
   def init(self, rng, ctx: Context):
     o = ctx.options
-    sources, source_fp = load_sources(
+    sources, _ = load_sources(
         _source_specs(o, ctx.tasks, ctx.width, ctx.config.prompt_length), ctx.config.seed)
     length = o.projected_length or sources.shape[1]
     scale = float(np.std(ctx.embedding))
     params = init_projector(rng, sources.shape[1:], (length, ctx.width), o.hidden, scale)
-    self._source_fp = source_fp
     return params, {'source_prompts': jnp.asarray(sources), 'leaky': jnp.float32(
         _leaky(o.activation))}
 
@@ -234,6 +233,12 @@ class ProjectorTuning(Method):
   def product_value(self, trainable):
     return None
 
+  def product_metadata(self, ctx: Context):
+    o = ctx.options
+    _, source_fp = load_sources(
+        _source_specs(o, ctx.tasks, ctx.width, ctx.config.prompt_length), ctx.config.seed)
+    return {'source_fingerprint': source_fp}
+
   def save_product(self, trainable, extras, path, metadata):
     path = path + '.safetensors'
     params = jax.tree_util.tree_map(np.asarray, jax.device_get(trainable))
@@ -241,7 +246,7 @@ class ProjectorTuning(Method):
     leaky = float(np.asarray(jax.device_get(extras['leaky'])))
     meta = dict(metadata)
     meta.update(objective='task', activation='leaky_relu' if leaky > 0 else 'tanh',
-                source_fingerprint=getattr(self, '_source_fp', None),
+                source_fingerprint=metadata.get('source_fingerprint'),
                 target_fingerprint=metadata.get('backbone_fingerprint'))
     save_projector(path, params, meta, sources)
     return path

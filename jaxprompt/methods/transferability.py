@@ -369,9 +369,8 @@ def zero_shot_matrix(library: str, backbone, targets: Sequence[str] | None = Non
       data = evaluation.load_eval_data(task, split, lengths, bs, max_eval_examples)
       ev = evaluation.Evaluator(eng, method.eval_inputs, task, data, mode, loss=LossConfig(),
                                 batch_extras=method.eval_extras(0))
-      for k, i in enumerate(rows):
-        ev.batch_extras = method.eval_extras(k)  # same program: task_index is a batch entry
-        scores[i, j] = primary_score(ev(state.trainable))
+      for k, i in enumerate(rows):  # one program: task_index is a batch entry
+        scores[i, j] = primary_score(ev.with_extras(method.eval_extras(k))(state.trainable))
       if progress:
         print(f'transfer: {task}: {len(rows)} prompts of length {shape[0]} evaluated '
               f'({time.time() - start:.0f} s)', file=sys.stderr)

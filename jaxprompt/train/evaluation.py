@@ -11,6 +11,7 @@ teacher-forced loss comes along. A mixture is evaluated task by task and macro-a
 from __future__ import annotations
 
 import collections
+import copy
 import dataclasses
 import functools
 from typing import Any, Callable, Sequence
@@ -124,6 +125,14 @@ class Evaluator:
           [list(self.vocab.encode(label)) + [self.vocab.eos_id] for label in self.labels]))
     self._loss_step = None if ensemble else engine.jit(
         make_eval_step(engine.module, inputs, loss, prompt_position))
+
+  def with_extras(self, batch_extras: dict[str, Any]) -> 'Evaluator':
+    """The same evaluation with other constant batch entries (another row of a prompt stack),
+    sharing this one's data and compiled programs."""
+    self._predict  # noqa: B018 - built once here, so every copy shares it
+    other = copy.copy(self)
+    other.batch_extras = dict(batch_extras)
+    return other
 
   def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     from jaxprompt.data.features import EXAMPLE_MASK
