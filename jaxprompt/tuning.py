@@ -188,7 +188,9 @@ def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation,
                       metric=config.metric, higher_is_better=config.higher_is_better,
                       patience=config.patience, max_norm_growth=config.max_norm_growth,
                       progress=config.progress, writer=is_writer),
-      evaluate=validation, on_best=on_best, put_batch=eng.put_batch)
+      evaluate=validation, on_best=on_best, put_batch=eng.put_batch,
+      on_validation=((lambda trainable, step, metrics: method.after_validation(
+          trainable, extras, step, metrics, model_dir, ctx)) if is_writer else None))
 
   final_metrics = result.evals[-1] if result.evals else None
   final_path = None

@@ -141,3 +141,37 @@ def test_the_kill_drill_resumes_killed_runs_bit_for_bit(tmp_path):
   assert result['kills'] >= 1 and result['resumed'] == 2
   assert result['identical_finals'] == 1, result['records']
   assert result['duplicate_rows'] == 0 and result['leftover_files'] == 0, result['records']
+
+
+def test_a_stack_keeps_each_tasks_best_row_through_a_kill(world, tmp_path):  # noqa: F811
+  """prompt_stack's after_validation hook: each task's row at that task's own best validation
+  (not the run's macro best), the same after a kill and resume as uninterrupted."""
+  import shutil
+  from jaxprompt.methods import prompt_stack
+  from jaxprompt.train.summaries import read_metrics
+  from test_methods_contract import task_for
+  task = task_for('prompt_stack')
+  full = str(tmp_path / 'full')
+  options = dict(train_steps=12, eval_period=2, keep_checkpoints=10, learning_rate=3.0)
+  _tune(world, 'prompt_stack', full, **options)
+  rows, records = prompt_stack.best_rows(full)
+  evals = [r for r in read_metrics(full) if r['split'] == 'eval']
+  from jaxprompt.data.tasks import member_tasks
+  members = list(member_tasks(task))
+  assert sorted(records) == sorted(members)
+  for i, t in enumerate(members):
+    curve = [(prompt_stack.selection_value(prompt_stack.task_metrics(r, members)[t], 'score'),
+              -r['step']) for r in evals]
+    best_value, neg_step = max(curve)
+    assert (records[t]['value'], records[t]['step']) == (best_value, -neg_step)
+    from jaxprompt.methods.spot import restore_stack
+    np.testing.assert_array_equal(rows[i], restore_stack(full, records[t]['step'])[i])
+  killed = str(tmp_path / 'killed')
+  _tune(world, 'prompt_stack', killed, **dict(options, train_steps=8))
+  shutil.rmtree(os.path.join(killed, 'checkpoints', '8'))  # killed before its checkpoint at 8
+  os.remove(os.path.join(killed, 'summary.json'))
+  _tune(world, 'prompt_stack', killed, **options, resume=True)
+  again, again_records = prompt_stack.best_rows(killed)
+  np.testing.assert_array_equal(again, rows)
+  assert {t: r['step'] for t, r in again_records.items()} == {
+      t: r['step'] for t, r in records.items()}

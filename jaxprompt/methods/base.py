@@ -107,6 +107,14 @@ class Method:
                  overwrite=True)
     return path
 
+  def after_validation(self, trainable, extras: dict[str, Any], step: int,
+                       metrics: dict[str, float], model_dir: str, ctx: Context) -> None:
+    """Called (on the writing process) after every validation, once its checkpoint is written,
+    and again for the restored step when a run resumes (so: idempotent). The driver keeps the
+    one best state by the run's metric; a method that must keep more (each task's best row of
+    a stack) writes it here."""
+    del trainable, extras, step, metrics, model_dir, ctx
+
   def product_metadata(self, ctx: Context) -> dict[str, Any]:
     """What this method adds to the metadata of its products (the driver gives backbone, task,
     tasks, init, step and metrics): facts of the run that the product must carry."""

@@ -81,6 +81,7 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
                rng: jax.Array, model_dir: str, config: LoopConfig,
                evaluate: Callable[[Any], dict[str, float]] | None = None,
                on_best: Callable[[Any, int, dict], None] | None = None,
+               on_validation: Callable[[Any, int, dict], None] | None = None,
                put_batch: Callable[[dict], dict] = lambda b: b) -> LoopResult:
   """Trains until `config.train_steps`, resuming from the latest checkpoint in `model_dir`.
 
@@ -95,6 +96,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     config: the loop settings.
     evaluate: `evaluate(trainable) -> {metric: value}` on the validation split.
     on_best: called with `(trainable, step, metrics)` whenever validation improves.
+    on_validation: called with `(trainable, step, metrics)` after every validation, once its
+      checkpoint is written (again for the restored step on resume: it must be idempotent).
     put_batch: places a host batch on devices (sharding).
   """
   checkpoints = Checkpointer(os.path.join(model_dir, 'checkpoints'), config.keep_checkpoints)
@@ -150,6 +153,10 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
       best.save(step, state, {'metrics': meta['best_metrics']})
       if on_best is not None:
         on_best(state.trainable, step, meta['best_metrics'])
+    validated = meta['evals'][-1] if meta['evals'] else None
+    if on_validation is not None and validated is not None and validated['step'] == step:
+      on_validation(state.trainable, step,
+                    {k: v for k, v in validated.items() if k != 'step'})
 
   # A run killed after its last checkpoint may have left a best beyond it: drop it, and
   # re-export the best when it is the state just restored.
@@ -159,6 +166,9 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     best.save(step, state, {'metrics': meta['best_metrics']})
     if on_best is not None:
       on_best(state.trainable, step, meta['best_metrics'])
+  if on_validation is not None and meta['evals'] and meta['evals'][-1]['step'] == step > 0:
+    on_validation(state.trainable, step,
+                  {k: v for k, v in meta['evals'][-1].items() if k != 'step'})
 
   source = batches(step)
   if evaluate is not None and step == 0 and not meta['evals']:
