@@ -196,6 +196,22 @@ def main(argv=None) -> int:
                       'spearman_relative_vs_relatedness': tr.spearman(relatedness[off],
                                                                       rel[off]),
                       'spearman_gain_vs_relatedness': tr.spearman(relatedness[off], gain[off])}
+  # Why (or why not) related prompts transfer zero-shot in the lab: a source prompt that does
+  # its own task perfectly scores, on the target, the rate at which the source's answer equals
+  # the target's on the target's inputs ("label agreement", from the world's rules, no model).
+  agree = np.array([[_label_agreement(s, t, args.max_eval_examples) for t in tasks]
+                    for s in tasks])
+  out['zero_shot']['label_agreement'] = agree.tolist()
+  out['zero_shot']['spearman_relative_vs_label_agreement'] = tr.spearman(agree[off], rel[off])
+  out['zero_shot']['spearman_score_vs_label_agreement'] = tr.spearman(agree[off], scores[off])
+  for level in (1.0, 0.5, 0.0):
+    sel = off & (relatedness == level)
+    if sel.any():
+      groups[str(level)]['mean_label_agreement'] = float(np.mean(agree[sel]))
+  say('label agreement by relatedness: ' + ', '.join(
+      f'{k}: {v.get("mean_label_agreement", float("nan")):.3f}' for k, v in groups.items()) +
+      f'; Spearman(zero-shot score, agreement) '
+      f'{_fmt(out["zero_shot"]["spearman_score_vs_label_agreement"])}')
   tr.heatmap(out_base + '_zero_shot.png', rel, names, names,
              "zero-shot transfer on A: score / target's own prompt score")
   tr.heatmap(out_base + '_zero_shot_gain.png', gain, names, names,
@@ -357,6 +373,45 @@ def main(argv=None) -> int:
   write_results()
   print(json.dumps(out, indent=1, default=float)[:4000])
   return 0
+
+
+def _rule(task):
+  """The answer of lab task `task` for any input (None where it has no unique answer)."""
+  from jaxprompt.lab import world
+  cat = lambda ws, c: sum(world.CATEGORY_OF[w] == c for w in ws)  # noqa: E731
+  t = world.get_task(task)
+  if t.skill == 'membership':
+    return lambda ws: 'yes' if t.detail in ws else 'no'
+  if t.skill == 'count':
+    return lambda ws: world.COUNT_LABELS[cat(ws, t.detail)] if cat(ws, t.detail) < 7 else None
+  if t.skill == 'parity':
+    return lambda ws: world.EVEN_ODD[cat(ws, t.detail) % 2]
+  if t.skill == 'compare':
+    a, b = t.detail.split('>')
+    return lambda ws: None if cat(ws, a) == cat(ws, b) else ('yes' if cat(ws, a) > cat(ws, b)
+                                                            else 'no')
+  if t.skill == 'extreme':
+    def fn(ws):
+      counts = {c: cat(ws, c) for c in world.CATEGORY_LABELS}
+      best = (max if t.detail == 'most' else min)(counts.values())
+      winners = [c for c, k in counts.items() if k == best]
+      return winners[0] if len(winners) == 1 else None
+    return fn
+  if t.skill == 'position':
+    i = {'first': 0, 'last': -1, 'second': 1}[t.detail]
+    return lambda ws: ws[i]
+  return None
+
+
+def _label_agreement(source, target, n):
+  """Share of `target`'s first n validation examples on which `source`'s rule gives the target's
+  answer: what a perfect source prompt would score on the target zero-shot."""
+  from jaxprompt.lab import world
+  rule = _rule(source)
+  if rule is None:
+    return float('nan')
+  ex = world.generate_examples(target, 'validation', n)
+  return float(np.mean([rule(tuple(e['inputs'].split())) == e['targets'] for e in ex]))
 
 
 def _fmt(x, spec='.3f'):
