@@ -38,7 +38,7 @@ TASKS = ('has_red', 'has_green', 'count_colours', 'count_numbers', 'more_colours
 PROJECTOR_TRAIN = ('has_red', 'count_colours', 'more_colours_than_animals', 'majority')
 # (target, related source, unrelated source) for transfer as initialisation
 INIT_TARGETS = (('more_numbers_than_colours', 'more_colours_than_animals', 'has_red'),
-                ('minority', 'majority', 'first_word'),
+                ('minority', 'majority', 'has_green'),
                 ('count_numbers', 'count_colours', 'has_red'),
                 ('has_green', 'has_red', 'count_colours'))
 
@@ -204,6 +204,14 @@ def main(argv=None) -> int:
   out['zero_shot']['label_agreement'] = agree.tolist()
   out['zero_shot']['spearman_relative_vs_label_agreement'] = tr.spearman(agree[off], rel[off])
   out['zero_shot']['spearman_score_vs_label_agreement'] = tr.spearman(agree[off], scores[off])
+  from jaxprompt.lab import world
+  same_labels = np.array([[world.get_task(a).labels == world.get_task(b).labels for b in tasks]
+                          for a in tasks]) & off
+  out['zero_shot']['label_agreement_same_label_set'] = {
+      'pairs': int(same_labels.sum()),
+      'spearman_score': tr.spearman(agree[same_labels], scores[same_labels]),
+      'pearson_score': float(np.corrcoef(agree[same_labels], scores[same_labels])[0, 1])
+      if same_labels.sum() > 2 else None}
   for level in (1.0, 0.5, 0.0):
     sel = off & (relatedness == level)
     if sel.any():
@@ -319,6 +327,23 @@ def main(argv=None) -> int:
     means = {}
     for part, sel in (('held_out', held), ('train', train)):
       means[part] = {k: float(np.mean([table[n]['relative'][k] for n in sel])) for k in kinds}
+    # A held-out task's projection against the zero-shot score, on that task, of A's own prompt
+    # of its same-skill train task, and the A library prompt nearest to each projection.
+    from jaxprompt.prompts.files import read_prompt
+    for n in train + held:
+      near = {}
+      for label in ('task', 'distance'):
+        v = read_prompt(os.path.join(args.work, f'projected_{label}_{n}.safetensors')).value
+        sims = {m: tr.concat_cosine(v, lib.load_prompt(lib_a, m)) for m in names}
+        best = max(sims, key=sims.get)
+        near[label] = {'nearest_a_prompt': best, 'cosine': sims[best], 'cosine_own': sims[n]}
+      table[n]['nearest'] = near
+      sibling = [m for m in train if m != n and
+                 relatedness[names.index(m), names.index(n)] == 1.0]
+      if sibling:
+        table[n]['same_skill_train_task'] = sibling[0]
+        table[n]['its_a_prompt_zero_shot'] = zs['scores'][names.index(sibling[0])][
+            names.index(n)]
     wins = {k: all(table[n]['task'] > table[n][k] for n in held) for k in ('random', 'no_prompt')}
     out['projector'] = dict(train_tasks=train, held_out=held, task=pr['task'],
                             distance=pr['distance'], rows=table, mean_relative=means,
