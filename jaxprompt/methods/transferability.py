@@ -30,6 +30,8 @@ See docs/transferability.md.
 
 from __future__ import annotations
 
+import argparse
+
 import csv
 import dataclasses
 import json
@@ -538,6 +540,10 @@ def _add_arguments(parser) -> None:
   m.add_argument('--batch_size', type=int, default=64, help='evaluation batch size')
   m.add_argument('--overwrite', action='store_true', help='replace existing OUT files')
   m.add_argument('--vocabulary', default=None, help="SentencePiece model (default: T5's)")
+  lab = sub.add_parser('lab', help="the lab's evidence (matrix, indicators, projectors, transfer "
+                       "as init); 'jaxprompt transfer lab -h' lists its options", add_help=False,
+                       prefix_chars='+')  # every option is the report's own: passed through
+  lab.add_argument('report_args', nargs=argparse.REMAINDER)
   i = sub.add_parser('indicators', help='prompt-similarity indicators vs zero-shot transfer')
   i.add_argument('--library', required=True, help='the prompt library directory')
   i.add_argument('--backbone', default=None,
@@ -622,9 +628,14 @@ def _indicators_command(args) -> int:
   return 0
 
 
+def _lab_command(args) -> int:
+  from jaxprompt.lab.transfer_report import main
+  return main(args.report_args, prog='jaxprompt transfer lab')
+
+
 def _run(args) -> int:
-  return {'matrix': _matrix_command, 'indicators': _indicators_command}[args.transfer_command](
-      args)
+  return {'matrix': _matrix_command, 'indicators': _indicators_command,
+          'lab': _lab_command}[args.transfer_command](args)
 
 
 COMMANDS = {'transfer': Command('transferability (Su et al. 2022): zero-shot matrix, indicators',
