@@ -237,3 +237,15 @@ def test_notebook_runs(tmp_path, monkeypatch):
              if o.output_type == 'display_data') >= 3
   for name in ('zero_shot.csv', 'projector_task.safetensors', 'projector_distance.safetensors'):
     assert os.path.isfile(tmp_path / 'work' / name)
+
+
+def test_transfer_lab_command_passes_its_options_to_the_report(capsys):
+  from jaxprompt import cli
+  with pytest.raises(SystemExit) as e:
+    cli.main(['transfer', 'lab', '-h'])
+  assert e.value.code == 0
+  out = capsys.readouterr().out
+  assert out.startswith('usage: jaxprompt transfer lab') and '--projector_steps' in out
+  with pytest.raises(SystemExit) as e:
+    cli.main(['transfer', 'lab', '--steps', 'x'])
+  assert e.value.code == 2 and "--steps: invalid int value: 'x'" in capsys.readouterr().err
