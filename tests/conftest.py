@@ -65,3 +65,10 @@ def require_t5x_fixtures() -> pathlib.Path:
 @pytest.fixture
 def t5x_fixtures() -> pathlib.Path:
   return require_t5x_fixtures()
+
+
+@pytest.fixture(scope='session')
+def reduced_lab_cache(tmp_path_factory) -> str:
+  """One JAXPROMPT_CACHE for the notebook tests that build reduced lab backbones (same steps),
+  so each reduced backbone is built once per session rather than once per test."""
+  return str(tmp_path_factory.mktemp('reduced_lab_cache'))

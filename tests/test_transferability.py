@@ -215,10 +215,10 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 
 @pytest.mark.slow  # builds two reduced lab backbones in a fresh cache: minutes on 2 loaded cores
-def test_notebook_runs(tmp_path, monkeypatch):
+def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')
-  monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_B_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_STEPS', '4')

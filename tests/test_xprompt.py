@@ -336,10 +336,10 @@ def test_gin_run_file_parses_and_runs_one_step(tiny, capsys):
 
 
 @pytest.mark.slow  # builds a (reduced) lab backbone in a fresh cache: minutes on 2 loaded cores
-def test_notebook_runs(tmp_path, monkeypatch):
+def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')
-  monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_IMPORTANCE_BATCHES', '2')
   monkeypatch.setenv('JAXPROMPT_NB_TUNE_STEPS', '6')
