@@ -644,7 +644,7 @@ def lab_evidence(work: str, *, backbone: str = 'lab:methods',
   """
   import jax
   from jaxprompt.checkpoints.backbone import resolve_backbone_path
-  from jaxprompt.lab import SOURCE_TASKS, TASKS, register_lab_tasks, relatedness
+  from jaxprompt.lab import TASKS, register_lab_tasks, relatedness
   from jaxprompt.lab.tasks import seqio_name
   from jaxprompt.methods import library as lib
   from jaxprompt.prompts.files import write_prompt
@@ -1125,7 +1125,7 @@ def write_lab_evidence(res: Mapping[str, Any], out: str, overwrite: bool = False
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   targets = list(res['targets'])
-  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(targets)), 3.8))
+  fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(targets)) + 2.5, 3.8))
   width = 0.8 / len(cols)
   for j, c in enumerate(cols):
     ys = [values(res['targets'][t])[c] for t in targets]
@@ -1134,7 +1134,7 @@ def write_lab_evidence(res: Mapping[str, Any], out: str, overwrite: bool = False
   ax.set_xticks(np.arange(len(targets)) + 0.4 - width / 2)
   ax.set_xticklabels(targets, fontsize=8)
   ax.set_ylabel('best validation (%)')
-  ax.legend(fontsize=6, ncol=2)
+  ax.legend(fontsize=7, loc='upper left', bbox_to_anchor=(1.0, 1.0))
   fig.tight_layout()
   fig.savefig(paths['png'], dpi=100)
   plt.close(fig)
