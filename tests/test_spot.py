@@ -153,7 +153,7 @@ def test_sources_library_transfer_and_ranking_end_to_end(tiny, capsys):
   library = str(root / 'library')
   r = spot.train_sources(tasks[:2], library, tiny['ckpt'], str(root / 'sources'),
                          train_steps=4, batch_size=8, eval_period=2, embedding_steps=2,
-                         **COMMON)
+                         keep_checkpoints=3, **COMMON)  # every checkpoint, to check rows against
   entries = lib.entries(library)
   assert sorted(entries) == sorted(tasks[:2])
   evals = spot.per_task_evals(r.model_dir, tasks[:2])
@@ -161,8 +161,9 @@ def test_sources_library_transfer_and_ranking_end_to_end(tiny, capsys):
     e = entries[task]
     assert e['init'] == 'sampled_vocab' and e['embedding_steps'] == 2 and e['length'] == 3
     assert e['backbone_fingerprint'] == r.tune_result.backbone.fingerprint
-    # Each task's row is taken at its own best validation, not the macro best.
-    scored = [(s, spot._primary(m)) for s, m in evals[task] if s > 0]
+    # Each task's row is taken at its own best validation (the initial one included, as for
+    # the run's best), not the macro best.
+    scored = [(s, spot._primary(m)) for s, m in evals[task]]
     best = max(sc for _, sc in scored)
     assert e['steps'] in [s for s, sc in scored if sc == best]
     row = spot.restore_stack(r.model_dir, e['steps'])[i]

@@ -5,10 +5,11 @@ An outer procedure over the one run driver (`jaxprompt.tuning.tune`), not a new 
 * **Source prompts, many at once** (`train_sources`, `jaxprompt spot sources`): the source tasks
   become one mixture and the `prompt_stack` method trains one row per task in mixed-task
   batches (the per-row optimizer gives each row the update it would get alone). The driver
-  selects one best step by the macro score; here every validation's checkpoint is kept and each
-  task's row is taken at *its own* best step, then written to the prompt library
-  (`jaxprompt.methods.library`) with its metrics and, optionally, its task embedding (the row
-  after `embedding_steps` steps).
+  selects one best step by the macro score; the `prompt_stack` method also keeps each task's
+  row at *its own* best validation (`best_rows.safetensors`, its `after_validation` hook), which
+  is written to the prompt library (`jaxprompt.methods.library`) with its metrics and,
+  optionally, its task embedding (the row after `embedding_steps` steps: the run stops there,
+  is snapshotted, and resumes).
 * **Transfer** is `tune(..., init_from=PROMPT_FILE or LIBRARY_DIR:TASK)`; `transfer_matrix`
   trains many (target, initialisation) pairs at once in one stack run (method `spot_rows`, rows
   initialised each from its own source).
@@ -152,34 +153,6 @@ def restore_stack(model_dir: str, step: int) -> np.ndarray:
   return np.asarray(get_prompt(state['trainable']))
 
 
-def select_rows(model_dir: str, tasks: Sequence[str], steps_available: Sequence[int],
-                higher_is_better: bool = True) -> dict[str, dict[str, Any]]:
-  """For each task, its best validation among `steps_available` and its row there."""
-  evals = per_task_evals(model_dir, tasks)
-  available = set(int(s) for s in steps_available)
-  cache: dict[int, np.ndarray] = {}
-  out = {}
-  for i, task in enumerate(tasks):
-    candidates = [(s, m) for s, m in evals[task] if s in available]
-    if not candidates:
-      raise RuntimeError(f'{model_dir}: no validation of {task} at a kept checkpoint')
-    sign = 1.0 if higher_is_better else -1.0
-    step, metrics = max(candidates, key=lambda sm: (sign * _primary(sm[1]), -sm[0]))
-    if step not in cache:
-      cache[step] = restore_stack(model_dir, step)
-    stack = cache[step]
-    out[task] = dict(step=step, metrics=metrics, score=_primary(metrics),
-                     value=stack[i] if stack.ndim == 3 else stack)
-  return out
-
-
-def _checkpoint_steps(train_steps: int, eval_period: int) -> list[int]:
-  steps = list(range(eval_period, train_steps + 1, eval_period))
-  if not steps or steps[-1] != train_steps:
-    steps.append(train_steps)
-  return steps
-
-
 # ---------------------------------------------------------------------------------------------
 # Source prompts, many at once.
 
@@ -234,20 +207,27 @@ def train_sources(tasks: Sequence[str], library: str, backbone, model_dir: str, 
   elif os.path.exists(library):
     lib.read_index(library)
   name = mixture or register_tasks_mixture(tasks)
-  keep = len(_checkpoint_steps(train_steps, eval_period)) + 1
-  start = time.time()
-  result = tune(name, backbone=backbone, model_dir=model_dir, method='prompt_stack',
-                train_steps=train_steps, batch_size=batch_size, eval_period=eval_period,
-                prompt_init=prompt_init, keep_checkpoints=keep, **options)
-  seconds = time.time() - start
   from jaxprompt.data.tasks import member_tasks
+  from jaxprompt.methods import prompt_stack
   members = list(member_tasks(name))
-  kept = _checkpoint_steps(result.step, eval_period)
-  rows = select_rows(model_dir, members, kept)
+  run = dict(backbone=backbone, model_dir=model_dir, method='prompt_stack',
+             batch_size=batch_size, eval_period=eval_period, prompt_init=prompt_init, **options)
+  resume = run.pop('resume', False)
+  start = time.time()
   embeddings = {}
   if embedding_steps is not None:
+    # The same run stopped at the embedding step: its latest checkpoint is the snapshot, and
+    # resuming continues it bit for bit (the prompt-tuning rate is constant) to train_steps.
+    tune(name, train_steps=embedding_steps, resume=resume, **run)
     stack = restore_stack(model_dir, embedding_steps)
     embeddings = {t: stack[i] for i, t in enumerate(members)}
+    resume = True
+  result = tune(name, train_steps=train_steps, resume=resume, **run)
+  seconds = time.time() - start
+  values, records = prompt_stack.best_rows(model_dir)  # each task's row at its own best
+  rows = {t: dict(step=records[t]['step'], metrics=records[t]['metrics'],
+                  score=_primary(records[t]['metrics']), value=values[i])
+          for i, t in enumerate(members)}
   bb = result.backbone
   macro = {}
   if result.best_step is not None:
@@ -1391,6 +1371,6 @@ __all__ = ['COMMANDS', 'LAB_SOURCES', 'LAB_TARGETS', 'PromptRows', 'RETRIEVAL_KS
            'write_lab_evidence',
            'best_of_top_k', 'cosine_average_tokens', 'embed_tasks', 'format_evaluation',
            'per_task_evals', 'per_token_average_cosine', 'rank', 'read_transfer_results',
-           'register_tasks_mixture', 'restore_stack', 'retrieval_evaluation', 'select_rows',
+           'register_tasks_mixture', 'restore_stack', 'retrieval_evaluation',
            'similarity_matrix', 'steps_to_reach', 'top_k_mixture', 'train_sources',
            'transfer_matrix', 'weighted_average', 'write_evaluation', 'write_weighted_average']
