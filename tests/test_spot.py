@@ -288,11 +288,11 @@ def test_spot_gin_run_files_parse_and_run_one_step(run_file, tiny, capsys):
 
 
 @pytest.mark.skipif(not NOTEBOOK.exists(), reason='colab/spot.ipynb not written yet')
-def test_notebook_runs(tmp_path, monkeypatch):
+def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   nbformat = pytest.importorskip('nbformat')
   nbclient = pytest.importorskip('nbclient')
-  monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '40')
+  monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
+  monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_STEPS', '6')
   monkeypatch.setenv('JAXPROMPT_NB_WORK', str(tmp_path / 'work'))
   nb = nbformat.read(NOTEBOOK, as_version=4)
@@ -307,12 +307,12 @@ def test_notebook_runs(tmp_path, monkeypatch):
   assert os.path.exists(tmp_path / 'work' / 'library' / 'index.json')
 
 
-def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys):
-  """`jaxprompt spot lab` (the issue's section-5 evidence) on a 40-step lab backbone at tiny
+def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys, reduced_lab_cache):
+  """`jaxprompt spot lab` (the issue's section-5 evidence) on a 20-step lab backbone at tiny
   settings: every stage runs, the files are written, a rerun with the same --work reuses the
   finished stages, and bad input gets one line."""
-  monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setenv('JAXPROMPT_LAB_STEPS', '40')
+  monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
+  monkeypatch.setenv('JAXPROMPT_LAB_STEPS', '20')
   out, work = str(tmp_path / 'res' / 'spot_lab'), str(tmp_path / 'work')
   argv = ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority', '--targets',
           'minority', '--source_steps', '2', '--source_batch', '2', '--source_eval_period', '2',
