@@ -181,39 +181,42 @@ def _mb(n: float) -> str:
   return f'{n / 2**20:.1f} MB'
 
 
-def checkpoint_storage_error(error: BaseException, model_dir: str, step: int,
-                             kept: int | None) -> RunStorageError | None:
+def checkpoint_storage_error(error: BaseException, model_dir: str,
+                             step: int) -> RunStorageError | None:
   """One line for a checkpoint write that failed on storage (None if it is another error):
   names the directory, the free space and what one checkpoint needs, and the step the run
-  continues from. The half-written checkpoint of `step` is removed; earlier ones are kept."""
+  continues from. What the failed write left half-done is removed; finished checkpoints stay
+  (with their data positions)."""
   fault = storage_fault(error)
   if fault is None:
     return None
   import shutil
-  for partial in (os.path.join(model_dir, 'data_state', f'step_{step}'),
-                  *[os.path.join(model_dir, d, name) for d in ('checkpoints', 'best')
-                    if os.path.isdir(os.path.join(model_dir, d))
-                    for name in os.listdir(os.path.join(model_dir, d))
-                    if name.startswith(f'{step}.') or name == str(step) and not os.path.exists(
-                        os.path.join(model_dir, d, name, '_CHECKPOINT_METADATA'))]):
-    shutil.rmtree(partial, ignore_errors=True)
-  where = (f'--resume continues from step {kept}' if kept is not None
-           else 'no checkpoint was written yet')
-  if fault in ('no space left on device', 'disk quota exceeded'):
-    need = ''
-    if kept is not None:
-      need = _size(os.path.join(model_dir, 'checkpoints', str(kept))) + _size(
-          os.path.join(model_dir, 'data_state', f'step_{kept}'))
-      need = f', a checkpoint needs about {_mb(need)}'
-    free = shutil.disk_usage(model_dir).free
-    return RunStorageError(errno.ENOSPC, f'{model_dir}: {fault} writing the checkpoint of step '
-                           f'{step} ({_mb(free)} free{need}); free some space, then {where}'
-                           if kept is not None else f'{model_dir}: {fault} writing the '
-                           f'checkpoint of step {step} ({_mb(free)} free); free some space and '
-                           'start again')
-  return RunStorageError(errno.EROFS if 'read-only' in fault else errno.EACCES,
-                         f'{model_dir}: {fault} writing the checkpoint of step {step}; make the '
-                         f'directory writable or give another --model_dir ({where})')
+  done = sorted(int(n) for n in _listdir(os.path.join(model_dir, 'checkpoints')) if n.isdigit())
+  for d in ('checkpoints', 'best'):  # Orbax writes `<step>.orbax-checkpoint-tmp...`, renamed at the end
+    for name in _listdir(os.path.join(model_dir, d)):
+      if name.startswith(f'{step}.'):
+        shutil.rmtree(os.path.join(model_dir, d, name), ignore_errors=True)
+  if step not in done:  # the data position is written first: without its checkpoint, drop it
+    shutil.rmtree(os.path.join(model_dir, 'data_state', f'step_{step}'), ignore_errors=True)
+  kept = done[-1] if done else None
+  then = (f'--resume continues from step {kept}' if kept is not None else
+          'no checkpoint was written yet')
+  if fault not in ('no space left on device', 'disk quota exceeded'):
+    return RunStorageError(errno.EROFS if 'read-only' in fault else errno.EACCES,
+                           f'{model_dir}: {fault} writing the checkpoint of step {step}; make the '
+                           f'directory writable or give another --model_dir ({then})')
+  need = ''
+  if kept is not None:
+    need = _mb(_size(os.path.join(model_dir, 'checkpoints', str(kept))) +
+               _size(os.path.join(model_dir, 'data_state', f'step_{kept}')))
+    need = f', a checkpoint needs about {need}'
+  free = _mb(shutil.disk_usage(model_dir).free)
+  return RunStorageError(errno.ENOSPC, f'{model_dir}: {fault} writing the checkpoint of step '
+                         f'{step} ({free} free{need}); free some space, then {then}')
+
+
+def _listdir(path: str) -> list[str]:
+  return os.listdir(path) if os.path.isdir(path) else []
 
 
 def read_manifest(model_dir: str) -> dict[str, Any]:

@@ -131,11 +131,10 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     return config.patience is not None and meta['bad_evals'] >= config.patience, is_best
 
   def save(step: int, is_best: bool) -> None:
-    kept = checkpoints.latest_step()
     try:
       write(step, is_best)
     except Exception as e:  # disk full, read-only: one line, earlier checkpoints intact
-      error = checkpoint_storage_error(e, model_dir, step, kept)
+      error = checkpoint_storage_error(e, model_dir, step)
       if error is None:
         raise
       raise error from None
