@@ -72,3 +72,21 @@ def reduced_lab_cache(tmp_path_factory) -> str:
   """One JAXPROMPT_CACHE for the notebook tests that build reduced lab backbones (same steps),
   so each reduced backbone is built once per session rather than once per test."""
   return str(tmp_path_factory.mktemp('reduced_lab_cache'))
+
+
+def run_notebook(path, workdir, timeout: int = 900) -> tuple[list, str]:
+  """Executes a notebook headless, top to bottom as Colab would, in `workdir`; fails on any
+  cell error. Returns (every code cell's outputs, their printed text)."""
+  nbformat = pytest.importorskip('nbformat')
+  nbclient = pytest.importorskip('nbclient')
+  nb = nbformat.read(str(path), as_version=4)
+  nbclient.NotebookClient(nb, timeout=timeout, kernel_name='python3',
+                          resources={'metadata': {'path': str(workdir)}}).execute()
+  outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
+  assert not [o for o in outputs if o.output_type == 'error']
+  return outputs, ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+
+
+def images(outputs) -> int:
+  """How many PNG images the outputs display."""
+  return sum('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')

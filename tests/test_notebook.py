@@ -4,9 +4,8 @@ import os
 import pathlib
 
 import pytest
+from conftest import images, run_notebook
 
-nbformat = pytest.importorskip('nbformat')
-nbclient = pytest.importorskip('nbclient')
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / 'colab' / 'prompt_tuning.ipynb'
 
@@ -16,13 +15,7 @@ def test_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '60')
   monkeypatch.setenv('JAXPROMPT_NB_TUNE_STEPS', '24')
   monkeypatch.setenv('JAXPROMPT_NB_RUN_DIR', str(tmp_path / 'run'))
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=900, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
-  client.execute()
-  outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
-  assert not [o for o in outputs if o.output_type == 'error']
-  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  outputs, text = run_notebook(NOTEBOOK, tmp_path, timeout=900)
   assert 'validation accuracy best' in text and 'test accuracy with the prompt' in text
-  assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
+  assert images(outputs) >= 1
   assert os.path.exists(tmp_path / 'run' / 'prompt_best.safetensors')

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import data_helpers
-from conftest import TINY_GATED, random_params
+from conftest import TINY_GATED, images, random_params, run_notebook
 from jaxprompt import cli
 from jaxprompt.methods import library as lib, spot
 from jaxprompt.model import Transformer
@@ -289,21 +289,13 @@ def test_spot_gin_run_files_parse_and_run_one_step(run_file, tiny, capsys):
 
 @pytest.mark.skipif(not NOTEBOOK.exists(), reason='colab/spot.ipynb not written yet')
 def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
-  nbformat = pytest.importorskip('nbformat')
-  nbclient = pytest.importorskip('nbclient')
   monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_STEPS', '6')
   monkeypatch.setenv('JAXPROMPT_NB_WORK', str(tmp_path / 'work'))
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
-  client.execute()
-  outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
-  assert not [o for o in outputs if o.output_type == 'error']
-  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  outputs, text = run_notebook(NOTEBOOK, tmp_path, timeout=600)
   assert 'library:' in text and 'ranked' in text and 'transfer' in text
-  assert any('image/png' in o.get('data', {}) for o in outputs if o.output_type == 'display_data')
+  assert images(outputs) >= 1
   assert os.path.exists(tmp_path / 'work' / 'library' / 'index.json')
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import data_helpers
-from conftest import TINY_GATED, TINY_RELU, random_params
+from conftest import TINY_GATED, TINY_RELU, images, random_params, run_notebook
 from jaxprompt import cli
 from jaxprompt.methods import library as lib
 from jaxprompt.methods import transferability as tr
@@ -216,8 +216,6 @@ NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 
 @pytest.mark.slow  # builds two reduced lab backbones in a fresh cache: minutes on 2 loaded cores
 def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
-  nbformat = pytest.importorskip('nbformat')
-  nbclient = pytest.importorskip('nbclient')
   monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_B_STEPS', '20')
@@ -225,16 +223,9 @@ def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   monkeypatch.setenv('JAXPROMPT_NB_PROJECTOR_STEPS', '4')
   monkeypatch.setenv('JAXPROMPT_NB_EVAL', '16')
   monkeypatch.setenv('JAXPROMPT_NB_WORK', str(tmp_path / 'work'))
-  nb = nbformat.read(NOTEBOOK, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=900, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
-  client.execute()
-  outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
-  assert not [o for o in outputs if o.output_type == 'error']
-  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  outputs, text = run_notebook(NOTEBOOK, tmp_path, timeout=900)
   assert 'zero-shot matrix 6x6' in text and 'concat_cosine' in text and 'held out' in text
-  assert sum('image/png' in o.get('data', {}) for o in outputs
-             if o.output_type == 'display_data') >= 3
+  assert images(outputs) >= 3
   for name in ('zero_shot.csv', 'projector_task.safetensors', 'projector_distance.safetensors'):
     assert os.path.isfile(tmp_path / 'work' / name)
 

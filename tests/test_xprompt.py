@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import data_helpers
-from conftest import TINY_GATED, random_params
+from conftest import TINY_GATED, images, random_params, run_notebook
 from jaxprompt import cli
 from jaxprompt.checkpoints import save_t5x_legacy
 from jaxprompt.config import ConfigError
@@ -337,21 +337,12 @@ def test_gin_run_file_parses_and_runs_one_step(tiny, capsys):
 
 @pytest.mark.slow  # builds a (reduced) lab backbone in a fresh cache: minutes on 2 loaded cores
 def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
-  nbformat = pytest.importorskip('nbformat')
-  nbclient = pytest.importorskip('nbclient')
   monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_IMPORTANCE_BATCHES', '2')
   monkeypatch.setenv('JAXPROMPT_NB_TUNE_STEPS', '6')
   monkeypatch.setenv('JAXPROMPT_NB_FRACTIONS', '0.5')
   monkeypatch.setenv('JAXPROMPT_NB_RUN_DIR', str(tmp_path / 'run'))
-  nb = nbformat.read(REPO / 'colab' / 'xprompt.ipynb', as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name='python3',
-                                   resources={'metadata': {'path': str(tmp_path)}})
-  client.execute()
-  outputs = [o for cell in nb.cells if cell.cell_type == 'code' for o in cell.get('outputs', [])]
-  assert not [o for o in outputs if o.output_type == 'error']
-  text = ''.join(o.get('text', '') for o in outputs if o.output_type == 'stream')
+  outputs, text = run_notebook(REPO / 'colab' / 'xprompt.ipynb', tmp_path, timeout=600)
   assert 'val before' in text and 'importance pass' in text
-  assert sum('image/png' in o.get('data', {}) for o in outputs
-             if o.output_type == 'display_data') >= 2
+  assert images(outputs) >= 2
