@@ -3,7 +3,6 @@
 import os
 import pathlib
 
-import pytest
 from conftest import images, run_notebook
 
 
