@@ -77,6 +77,30 @@ def _is_better(new: float, old: float | None, higher: bool) -> bool:
   return new > old if higher else new < old
 
 
+def _bad_step(host: list[dict], first: int, initial_norm: float, config: LoopConfig,
+              kept: int | None, model_dir: str) -> NonFiniteLossError | None:
+  """The error for the first of the logged steps `first, first + 1, ...` that was non-finite
+  or took the trainable's norm past `max_norm_growth` x its initial norm; None if none did."""
+  limit = (config.max_norm_growth * initial_norm
+           if config.max_norm_growth is not None and initial_norm else None)
+  for i, m in enumerate(host):
+    norm = float(m['trainable_norm'])
+    if bool(m['nonfinite']) or (limit is not None and norm > limit):
+      break
+  else:
+    return None
+  where = (f'{model_dir}/checkpoints holds the last good state (step {kept}); lower the '
+           'learning rate (or check the data) and continue it with --resume'
+           if kept is not None else 'no checkpoint was written yet; start again with a lower '
+           'learning rate (or check the data)')
+  if bool(m['nonfinite']):
+    return NonFiniteLossError(f'non-finite loss, gradient or update at step {first + i}: '
+                              f'training stopped; {where}')
+  return DivergedError(f"diverged at step {first + i}: the trainable's norm grew from "
+                       f'{initial_norm:.3g} to {norm:.3g} ({norm / initial_norm:.1e}x, over the '
+                       f'{config.max_norm_growth:g}x limit): training stopped; {where}')
+
+
 def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Iterator[dict]],
                rng: jax.Array, model_dir: str, config: LoopConfig,
                evaluate: Callable[[Any], dict[str, float]] | None = None,
@@ -152,10 +176,13 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
       best.save(step, state, {'metrics': meta['best_metrics']})
       if on_best is not None:
         on_best(state.trainable, step, meta['best_metrics'])
-    validated = meta['evals'][-1] if meta['evals'] else None
-    if on_validation is not None and validated is not None and validated['step'] == step:
-      on_validation(state.trainable, step,
-                    {k: v for k, v in validated.items() if k != 'step'})
+    validated(step)
+
+  def validated(step: int) -> None:
+    """`on_validation` for the validation of `step`, if there was one."""
+    last = meta['evals'][-1] if meta['evals'] else None
+    if on_validation is not None and last is not None and last['step'] == step:
+      on_validation(state.trainable, step, {k: v for k, v in last.items() if k != 'step'})
 
   # A run killed after its last checkpoint may have left a best beyond it: drop it, and
   # re-export the best when it is the state just restored.
@@ -165,9 +192,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
     best.save(step, state, {'metrics': meta['best_metrics']})
     if on_best is not None:
       on_best(state.trainable, step, meta['best_metrics'])
-  if on_validation is not None and meta['evals'] and meta['evals'][-1]['step'] == step > 0:
-    on_validation(state.trainable, step,
-                  {k: v for k, v in meta['evals'][-1].items() if k != 'step'})
+  if step > 0:
+    validated(step)
 
   source = batches(step)
   if evaluate is not None and step == 0 and not meta['evals']:
@@ -195,26 +221,10 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
       if step % config.log_period == 0 or at_checkpoint:
         host = jax.device_get(pending)
         pending = []
-        first = step - len(host) + 1
-        bad = [first + i for i, m in enumerate(host) if bool(m['nonfinite'])]
-        limit = (None if config.max_norm_growth is None or not meta['initial_norm'] else
-                 config.max_norm_growth * meta['initial_norm'])
-        grown = [(first + i, float(m['trainable_norm'])) for i, m in enumerate(host)
-                 if limit is not None and float(m['trainable_norm']) > limit]
-        if bad or grown:  # before anything of this state is evaluated, saved or called best
-          kept = checkpoints.latest_step()
-          where = (f'{model_dir}/checkpoints holds the last good state (step {kept}); lower the '
-                   'learning rate (or check the data) and continue it with --resume'
-                   if kept is not None else 'no checkpoint was written yet; start again with a '
-                   'lower learning rate (or check the data)')
-          if bad and (not grown or bad[0] <= grown[0][0]):
-            raise NonFiniteLossError(f'non-finite loss, gradient or update at step {bad[0]}: '
-                                     f'training stopped; {where}')
-          at, norm = grown[0]
-          raise DivergedError(
-              f'diverged at step {at}: the trainable\'s norm grew from {meta["initial_norm"]:.3g} '
-              f'to {norm:.3g} ({norm / meta["initial_norm"]:.1e}x, over the '
-              f'{config.max_norm_growth:g}x limit): training stopped; {where}')
+        error = _bad_step(host, step - len(host) + 1, meta['initial_norm'], config,
+                          checkpoints.latest_step(), model_dir)
+        if error is not None:  # before anything of this state is evaluated, saved or called best
+          raise error
         summed = {k: float(np.sum([m[k] for m in host])) for k in ('loss', 'weight_sum',
                                                                     'num_correct', 'z_loss')}
         now = time.perf_counter()
