@@ -370,18 +370,24 @@ def _lab_command(args) -> int:
     out = args.out or f'lab_{args.what}.json'
     if os.path.exists(out) and not args.overwrite:
       raise FileExistsError(f'{out} exists; pass --overwrite or choose another --out')
-    ckpt = backbone.build(preset=args.preset or 'methods')
     tasks = args.tasks.split(',') if args.tasks else None
-    with tempfile.TemporaryDirectory(prefix='jaxprompt_lab_') as work:
+    steps = {'steps': args.steps} if args.steps else {}
+    pairs = report.parse_pairs(args.pairs) if args.pairs else None
+    try:
+      seeds = [int(x) for x in args.seeds.split(',')]
+    except ValueError:
+      raise ValueError(f'--seeds {args.seeds}: give comma-separated integers, e.g. 0,1,2') from None
+    ckpt = backbone.build(preset=args.preset or 'methods')
+    with tempfile.TemporaryDirectory(prefix='jaxprompt_lab_') as scratch:
+      work = args.work or scratch
       if args.what == 'sources':
-        rows = report.measure_sources(ckpt, work, tasks=tasks, **(
-            {'steps': args.steps} if args.steps else {}))
+        rows = report.measure_sources(ckpt, work, tasks=tasks, **steps)
       else:
-        rows = report.measure_transfer(ckpt, work, **({'steps': args.steps} if args.steps
-                                                      else {}))
+        rows = report.measure_transfer(ckpt, work, pairs=pairs, seeds=seeds,
+                                       eval_period=args.eval_period, **steps)
     with open(out, 'w') as f:
       json.dump({'backbone': ckpt, args.what: rows}, f, indent=1, default=str)
-    print(json.dumps(rows, indent=1, default=str))
+    print(report.format_sources(rows) if args.what == 'sources' else report.format_transfer(rows))
     print(f'written: {out}')
   return 0
 
@@ -482,6 +488,16 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--steps', type=int, default=None,
                  help='prompt- and model-tuning steps per target (default 1000)')
   r.add_argument('--tasks', default=None, help='comma-separated lab targets (default: 8)')
+  r.add_argument('--work', default=None,
+                 help='sources/transfer: keep the tuned prompts here (default: a temporary '
+                      'directory); finished runs in it are reused, so `transfer` with the '
+                      "`sources` report's --work starts from those source prompts")
+  r.add_argument('--pairs', default=None,
+                 help='transfer: TARGET:SOURCE,... (default: each target with its same-skill '
+                      'source)')
+  r.add_argument('--seeds', default='0', help='transfer: comma-separated seeds (default 0)')
+  r.add_argument('--eval_period', type=int, default=50,
+                 help='transfer: steps between validation checks (default 50)')
   return parser
 
 

@@ -56,7 +56,7 @@ HELP = {
     'seed': 'seed of the initialisation, data order and dropout',
     'num_partitions': 'model-parallel mesh axis size',
     'eval_period': 'steps between validations (and checkpoints)',
-    'log_period': 'steps between training log rows', 'eval_split': 'split validated on',
+    'log_period': 'steps between training log rows', 'eval_split': 'split validated on (None: no validation, e.g. pretraining)',
     'eval_mode': 'scoring: ' + ', '.join(EVAL_MODES),
     'eval_batch_size': 'evaluation batch size (default: --batch_size)',
     'max_eval_examples': 'validate on the first N examples only',
@@ -117,7 +117,7 @@ class RunConfig:
   # validation, checkpoints, logging
   eval_period: int = 1000
   log_period: int = 10
-  eval_split: str = 'validation'
+  eval_split: str | None = 'validation'
   eval_mode: str = 'auto'
   eval_batch_size: int | None = None
   max_eval_examples: int | None = None

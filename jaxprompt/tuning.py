@@ -133,7 +133,7 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
       bb.module, method.model_inputs, tx, {'backbone': bb.params, **extras}, trainable,
       loss=loss, prompt_position=position, num_partitions=config.num_partitions,
       trainable_is_backbone=method.trains_backbone)
-  validation = evaluation.build_validation(
+  validation = None if config.eval_split is None else evaluation.build_validation(
       eng, method, ctx.tasks, config.eval_split, config.feature_lengths,
       config.eval_batch_size or config.batch_size, config.eval_mode, config.max_eval_examples,
       position, loss)

@@ -124,7 +124,7 @@ def test_relative_position_tables_get_their_own_learning_rate():
 def test_methods_preset_settings():
   p = backbone.preset_config('methods')
   assert p['name'] == 'methods' and p['batch_size'] == 128 and p['relpos_lr_scale'] == 10
-  assert p['steps'] == backbone.BUILD_STEPS and p['emb_dim'] == 128
+  assert p['steps'] == 900 and p['emb_dim'] == 128
   assert backbone.preset_config('methods', steps=50)['steps'] == 50
 
 
@@ -139,3 +139,68 @@ def test_a_short_methods_build_runs_and_is_cached_under_its_preset(tmp_path):
   assert manifest['t5_config']['num_heads'] == 8
   assert manifest['mixture'].startswith('lab_sources_')
   assert backbone.build(steps=20, cache_dir=cache, preset='methods') == ckpt
+
+
+def test_sources_table_marks_the_goal_per_source():
+  rows = {'count_colours': dict(prefixed=99.5, prompt=99.0, ratio=0.995),
+          'filter_colours': dict(prefixed=69.5, prompt=70.0, ratio=1.007),
+          'majority': dict(prefixed=100.0, prompt=85.0, ratio=0.85)}
+  lines = report.format_sources(rows).splitlines()[2:]
+  assert [line.split(' | ')[1] for line in lines] == ['count_colours', 'majority', 'filter_colours']
+  assert lines[0].endswith('| met |')  # count
+  assert lines[1].endswith('| SHORT |')  # extreme: the prompt reaches 0.85 of the prefixed
+  assert lines[2].endswith('| SHORT |')  # filter: the backbone knows it at 69.5 only
+
+
+def test_transfer_table_compares_the_checks_after_step_0():
+  row = dict(target='minority', source='majority', seed=1,
+             class_labels=dict(best=60.0, curve={0: 30.0, 50: 40.0, 100: 60.0}),
+             transfer=dict(best=70.0, curve={0: 0.0, 50: 50.0, 100: 70.0}))
+  line = report.format_transfer([row]).splitlines()[2]
+  assert line == '| minority | majority | 1 | 60.0 (50.0) | 70.0 (60.0) | 2 of 2 |'
+
+
+def test_transfer_pairs_are_parsed_and_checked():
+  assert report.parse_pairs('minority:majority, second_word:first_word') == [
+      ('minority', 'majority'), ('second_word', 'first_word')]
+  for bad in ('minority', 'majority:minority', 'minority:majority:x', 'nope:majority'):
+    with pytest.raises(ValueError, match='--pairs'):
+      report.parse_pairs(bad)
+
+
+def test_lab_report_transfer_refuses_bad_pairs_and_seeds_before_building(tmp_path, capsys,
+                                                                         monkeypatch):
+  from jaxprompt import cli
+  monkeypatch.setattr(backbone, 'build', lambda **_: pytest.fail('built a backbone'))
+  out = str(tmp_path / 't.json')
+  assert cli.main(['lab', 'report', 'transfer', '--out', out, '--pairs', 'majority:minority']) == 2
+  err = capsys.readouterr().err.strip()
+  assert err.count('\n') == 0 and '--pairs' in err and 'TARGET:SOURCE' in err
+  assert cli.main(['lab', 'report', 'transfer', '--out', out, '--seeds', '0,x']) == 2
+  assert '--seeds' in capsys.readouterr().err
+  assert not os.path.exists(out)
+
+
+@pytest.mark.slow
+def test_sources_then_transfer_reuse_the_runs_of_a_shared_work_dir(tmp_path):
+  """measure_sources' prompts initialise measure_transfer's targets; a finished run is reused."""
+  ckpt = backbone.build(steps=20, cache_dir=str(tmp_path / 'cache'), progress=False,
+                        preset='methods')
+  work = str(tmp_path / 'work')
+  src = report.measure_sources(ckpt, work, tasks=['majority'], steps=4)
+  assert set(src) == {'majority'} and 0 <= src['majority']['prompt'] <= 100
+  assert src['majority']['ratio'] == pytest.approx(
+      src['majority']['prompt'] / src['majority']['prefixed'], abs=1e-3)
+  source_log = os.path.join(work, 'majority_src_steps4', 'metrics.jsonl')  # named by its steps
+  before = open(source_log).read()
+  kw = dict(pairs=[('minority', 'majority')], steps=4, eval_period=2, seeds=(3,), source_steps=4)
+  rows = report.measure_transfer(ckpt, work, **kw)
+  assert open(source_log).read() == before  # the source prompt was not tuned again
+  (row,) = rows
+  assert (row['target'], row['source'], row['seed']) == ('minority', 'majority', 3)
+  assert sorted(row['class_labels']['curve']) == sorted(row['transfer']['curve']) == [0, 2, 4]
+  assert row['gain'] == pytest.approx(row['transfer']['best'] - row['class_labels']['best'])
+  logs = {d: open(os.path.join(work, d, 'metrics.jsonl')).read() for d in os.listdir(work)}
+  assert report.measure_transfer(ckpt, work, **kw)[0]['transfer']['curve'] == \
+      row['transfer']['curve']
+  assert {d: open(os.path.join(work, d, 'metrics.jsonl')).read() for d in os.listdir(work)} == logs

@@ -40,13 +40,18 @@ PRESETS: dict[str, dict] = {
                  warmup=200, emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256, layers=3,
                  rates={}, targets_length=None, relpos_lr_scale=1.0),
     # The methods' evidence (SPoT transfer, transferability, XPrompt): every source skill with a
-    # target counterpart known at >= 99% except filter (~68%). Batch 128, 8 heads of 16, the
-    # relative-position tables at 10x the learning rate, and the mixture re-weighted towards
-    # counting, position, extreme and filter: 1.9x the demo's compute (about 2.6 min on 2 Zen 5
-    # cores by the ratio to the demo's 1.35).
-    'methods': dict(batch_size=128, num_heads=8, head_dim=16, relpos_lr_scale=10.0,
-                    rates={'membership': 0.5, 'parity': 0.5, 'order': 0.25, 'count': 2.0,
-                           'position': 2.0, 'extreme': 2.0, 'filter': 1.5}),
+    # target counterpart known at >= 97.5% with its prefix (configuration E of the lab README).
+    # 900 steps of batch 128, 8 heads of 16, the relative-position tables at 10x the learning
+    # rate, and the mixture re-weighted towards counting, position, extreme and filter: about 1.2x
+    # the demo's build time.
+    'methods': dict(steps=900, batch_size=128, num_heads=8, head_dim=16, relpos_lr_scale=10.0,
+                    rates={'membership': 0.5, 'parity': 0.5, 'order': 0.5, 'count': 2.0,
+                           'position': 2.0, 'extreme': 2.0, 'filter': 3.0}),
+    # Configuration C, the `methods` preset until 2026-12-01 (filter ~68% with its prefix): the
+    # backbone of the SPoT and transferability evidence measured before then; kept to reproduce it.
+    'methods_c': dict(batch_size=128, num_heads=8, head_dim=16, relpos_lr_scale=10.0,
+                      rates={'membership': 0.5, 'parity': 0.5, 'order': 0.25, 'count': 2.0,
+                             'position': 2.0, 'extreme': 2.0, 'filter': 1.5}),
 }
 DEFAULT_PRESET = 'demo'
 
@@ -189,8 +194,8 @@ def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
   result = tune(mixture, backbone=(module, params), model_dir=os.path.join(work, 'run'),
                 method='model_tuning', train_steps=steps, batch_size=p['batch_size'],
                 feature_lengths=lengths, eval_period=steps, log_period=50, seed=seed,
-                max_eval_examples=64, progress=progress, keep_checkpoints=1,
-                optimizer=optimizer)
+                eval_split=None, progress=progress, keep_checkpoints=1,
+                optimizer=optimizer)  # no validation: `source_accuracy` measures the result
   minutes = (time.time() - start) / 60
   tmp_out = out + '.tmp'
   shutil.rmtree(tmp_out, ignore_errors=True)
