@@ -175,3 +175,15 @@ def test_a_stack_keeps_each_tasks_best_row_through_a_kill(world, tmp_path):  # n
   np.testing.assert_array_equal(again, rows)
   assert {t: r['step'] for t, r in again_records.items()} == {
       t: r['step'] for t, r in records.items()}
+
+
+def test_a_run_without_validation_trains_checkpoints_and_keeps_its_final_prompt(world, tmp_path):  # noqa: F811
+  """eval_split=None (the lab backbone's pretraining): no evaluator is built or run, the
+  checkpoints and the final product are written, and there is no best."""
+  run = str(tmp_path / 'run')
+  result = _tune(world, 'prompt_tuning', run, train_steps=4, eval_period=2, eval_split=None)
+  rows = [json.loads(line) for line in open(os.path.join(run, 'metrics.jsonl'))]
+  assert rows and {r['split'] for r in rows} == {'train'}
+  assert result.best_step is None and result.best_prompt_path is None
+  assert os.path.exists(result.prompt_path) and result.step == 4
+  assert checkpointing.Checkpointer(os.path.join(run, 'checkpoints')).all_steps()[-1] == 4
