@@ -384,7 +384,8 @@ def _lab_command(args) -> int:
         rows = report.measure_sources(ckpt, work, tasks=tasks, **steps)
       else:
         rows = report.measure_transfer(ckpt, work, pairs=pairs, seeds=seeds,
-                                       eval_period=args.eval_period, **steps)
+                                       eval_period=args.eval_period,
+                                       learning_rate=args.learning_rate, **steps)
     with open(out, 'w') as f:
       json.dump({'backbone': ckpt, args.what: rows}, f, indent=1, default=str)
     print(report.format_sources(rows) if args.what == 'sources' else report.format_transfer(rows))
@@ -498,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--seeds', default='0', help='transfer: comma-separated seeds (default 0)')
   r.add_argument('--eval_period', type=int, default=50,
                  help='transfer: steps between validation checks (default 50)')
+  r.add_argument('--learning_rate', type=float, default=None,
+                 help="transfer: the targets' Adafactor learning rate, both inits (default 0.3)")
   return parser
 
 

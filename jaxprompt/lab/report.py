@@ -239,7 +239,8 @@ def measure_transfer(ckpt: str, work: str, pairs=None, source_prompts=None,
                        SOURCE_LEARNING_RATE, **_init_options(source, SOURCE_INIT, prompt_length))
       source_prompts[source] = r['prompt']
     for seed in seeds:
-      tag = f'{steps}x{eval_period}_seed{seed}'  # a run is reused only with these settings
+      rate = '' if learning_rate is None else f'_lr{learning_rate:g}'
+      tag = f'{steps}x{eval_period}{rate}_seed{seed}'  # a run is reused only with these settings
       base = run(target, f'{target}_cl_{tag}', seed, prompt_init='class_labels')
       spot = run(target, f'{target}_from_{source}_{tag}', seed, prompt_init='file',
                  prompt_init_file=source_prompts[source])
