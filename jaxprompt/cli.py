@@ -385,7 +385,8 @@ def _lab_command(args) -> int:
       else:
         rows = report.measure_transfer(ckpt, work, pairs=pairs, seeds=seeds,
                                        eval_period=args.eval_period,
-                                       learning_rate=args.learning_rate, **steps)
+                                       **({'learning_rate': args.learning_rate}
+                                          if args.learning_rate else {}), **steps)
     with open(out, 'w') as f:
       json.dump({'backbone': ckpt, args.what: rows}, f, indent=1, default=str)
     print(report.format_sources(rows) if args.what == 'sources' else report.format_transfer(rows))
@@ -500,7 +501,7 @@ def build_parser() -> argparse.ArgumentParser:
   r.add_argument('--eval_period', type=int, default=50,
                  help='transfer: steps between validation checks (default 50)')
   r.add_argument('--learning_rate', type=float, default=None,
-                 help="transfer: the targets' Adafactor learning rate, both inits (default 0.3)")
+                 help="transfer: the targets' Adafactor learning rate, both inits (default 0.1)")
   return parser
 
 
