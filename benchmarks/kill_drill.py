@@ -97,7 +97,9 @@ def drill(runs: int = 10, kills: int = 3, steps: int = 30, seed: int = 0,
     run = os.path.join(root, 'run')
     kinds, resumes = [], 0
     for k in range(kills):
-      kind = 'checkpoint' if (r + k) % 2 else 'random'
+      # A checkpoint-aimed kill first: it always lands (the run writes checkpoint 0 at once),
+      # where a random one may come after a short run has finished.
+      kind = 'random' if (r + k) % 2 else 'checkpoint'
       proc = _start(root, out, steps)
       while not os.path.isdir(os.path.join(run, 'checkpoints')) and proc.poll() is None:
         time.sleep(0.05)
