@@ -386,7 +386,7 @@ def _lab_command(args) -> int:
         rows = report.measure_transfer(ckpt, work, pairs=pairs, seeds=seeds,
                                        eval_period=args.eval_period,
                                        **({'learning_rate': args.learning_rate}
-                                          if args.learning_rate else {}), **steps)
+                                          if args.learning_rate is not None else {}), **steps)
     with open(out, 'w') as f:
       json.dump({'backbone': ckpt, args.what: rows}, f, indent=1, default=str)
     print(report.format_sources(rows) if args.what == 'sources' else report.format_transfer(rows))
