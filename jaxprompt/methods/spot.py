@@ -1011,14 +1011,15 @@ def format_lab_evidence(res: Mapping[str, Any]) -> str:
   short = {t: r for t, r in res['targets'].items() if r.get('pt_short')}
   out.append('')
   if short:
-    keys = list(next(iter(short.values()))['gap_closed'])
+    # A weighted average can be undefined for a target (its top-k similarities sum to <= 0).
+    keys = list(dict.fromkeys(k for r in short.values() for k in r['gap_closed']))
     out.append('Share of the prompt-tuning -> model-tuning gap closed (targets with PT < 0.9 MT; '
                '>= 0.5 is the goal):')
     out.append('')
     out += ['| target | PT | MT | ' + ' | '.join(keys) + ' |', '|' + '---|' * (len(keys) + 3)]
     for t, r in short.items():
       out.append(f'| {t} | {_f(r["class_labels"])} | {_f(r["model_tuning"])} | ' +
-                 ' | '.join(_f(r['gap_closed'][k], 2) for k in keys) + ' |')
+                 ' | '.join(_f(r['gap_closed'].get(k), 2) for k in keys) + ' |')
   else:
     out.append('No target has prompt tuning below 0.9 of model tuning at these budgets.')
   out.append('')
