@@ -139,16 +139,21 @@ def _tune_prompt(name: str, ckpt, model_dir: str, steps: int, prompt_length: int
               prompt=r.best_prompt_path, minutes=round((time.time() - start) / 60, 2))
 
 
-def _source_dir(work: str, task: str, steps: int, prompt_length: int, seed: int, init: str,
-                learning_rate: float | None, eval_period: int) -> str:
-  """Where a source prompt's run lives in `work`: `<task>_src`, suffixed with every setting that
-  differs from the defaults, so that a run is reused only with the settings it was tuned with."""
+def _tune_source(task: str, backbone, work: str, steps: int = SOURCE_STEPS,
+                 prompt_length: int = 10, seed: int = 0, init: str = SOURCE_INIT,
+                 learning_rate: float | None = SOURCE_LEARNING_RATE, eval_period: int = 50) -> dict:
+  """A source prompt tuned without the task's prefix (`_tune_prompt`'s result), in
+  `work/<task>_src` suffixed with every setting that differs from the defaults, so that a
+  finished run there is reused only with the settings it was tuned with."""
+  from jaxprompt.lab.tasks import seqio_name
   defaults = dict(steps=SOURCE_STEPS, len=10, seed=0, init=SOURCE_INIT, lr=SOURCE_LEARNING_RATE,
                   every=50)
   given = dict(steps=steps, len=prompt_length, seed=seed, init=init, lr=learning_rate,
                every=eval_period)
   tag = ''.join(f'_{k}{v}' for k, v in given.items() if v != defaults[k])
-  return os.path.join(work, f'{task}_src{tag}')
+  return _tune_prompt(seqio_name(task), backbone, os.path.join(work, f'{task}_src{tag}'), steps,
+                      prompt_length, seed, eval_period, learning_rate,
+                      **_init_options(task, init, prompt_length))
 
 
 def measure_sources(ckpt: str, work: str, tasks=None, steps: int = SOURCE_STEPS,
@@ -170,19 +175,15 @@ def measure_sources(ckpt: str, work: str, tasks=None, steps: int = SOURCE_STEPS,
     {task: {'prefixed', 'prompt', 'ratio', 'prompt_path', 'minutes', ...}}.
   """
   from jaxprompt.lab import backbone
-  from jaxprompt.lab.tasks import register_lab_tasks, seqio_name
+  from jaxprompt.lab.tasks import register_lab_tasks
   from jaxprompt.checkpoints.backbone import load_backbone
   register_lab_tasks()
   tasks = tuple(tasks or goal_sources())
   prefixed = backbone.source_accuracy(ckpt, tasks=tasks)
   bb = load_backbone(ckpt)
-  module, params = bb.module, bb.params
   out = {}
   for task in tasks:
-    r = _tune_prompt(seqio_name(task), (module, params),
-                     _source_dir(work, task, steps, prompt_length, seed, init, learning_rate,
-                                 eval_period), steps, prompt_length, seed, eval_period, learning_rate,
-                     **_init_options(task, init, prompt_length))
+    r = _tune_source(task, bb, work, steps, prompt_length, seed, init, learning_rate, eval_period)
     out[task] = dict(prefixed=round(float(prefixed[task]), 2), prompt=r['best'],
                      ratio=round(r['best'] / max(prefixed[task], 1e-9), 3),
                      prompt_path=r['prompt'], best_step=r['best_step'], initial=r['initial'],
@@ -228,26 +229,24 @@ def measure_transfer(ckpt: str, work: str, pairs=None, source_prompts=None,
   from jaxprompt.lab.tasks import register_lab_tasks, seqio_name
   from jaxprompt.checkpoints.backbone import load_backbone
   register_lab_tasks()
-  pairs = list((pairs or TRANSFER_PAIRS).items() if isinstance(pairs or TRANSFER_PAIRS, dict)
-               else pairs)
+  pairs = pairs or TRANSFER_PAIRS
+  pairs = list(pairs.items() if isinstance(pairs, dict) else pairs)
   source_prompts = dict(source_prompts or {})
   bb = load_backbone(ckpt)
-  run = lambda name, directory, seed, **init: _tune_prompt(  # pylint: disable=unnecessary-lambda-assignment
-      seqio_name(name), bb, os.path.join(work, directory), steps, prompt_length, seed,
-      eval_period, learning_rate, **init)
+  rate = '' if learning_rate is None else f'_lr{learning_rate:g}'
+
+  def run(target: str, seed: int, init_name: str, **init) -> dict:
+    tag = f'{steps}x{eval_period}{rate}_seed{seed}'  # a run is reused only with these settings
+    return _tune_prompt(seqio_name(target), bb, os.path.join(work, f'{target}_{init_name}_{tag}'),
+                        steps, prompt_length, seed, eval_period, learning_rate, **init)
+
   out = []
   for target, source in pairs:
     if source not in source_prompts:  # measure_sources' run, or tuned here as it does
-      r = _tune_prompt(seqio_name(source), bb,
-                       _source_dir(work, source, source_steps, prompt_length, 0, SOURCE_INIT,
-                                   SOURCE_LEARNING_RATE, 50), source_steps, prompt_length, 0, 50,
-                       SOURCE_LEARNING_RATE, **_init_options(source, SOURCE_INIT, prompt_length))
-      source_prompts[source] = r['prompt']
+      source_prompts[source] = _tune_source(source, bb, work, source_steps, prompt_length)['prompt']
     for seed in seeds:
-      rate = '' if learning_rate is None else f'_lr{learning_rate:g}'
-      tag = f'{steps}x{eval_period}{rate}_seed{seed}'  # a run is reused only with these settings
-      base = run(target, f'{target}_cl_{tag}', seed, prompt_init='class_labels')
-      spot = run(target, f'{target}_from_{source}_{tag}', seed, prompt_init='file',
+      base = run(target, seed, 'cl', prompt_init='class_labels')
+      spot = run(target, seed, f'from_{source}', prompt_init='file',
                  prompt_init_file=source_prompts[source])
       out.append(dict(target=target, source=source, seed=seed, class_labels=base,
                       transfer=spot, gain=round(spot['best'] - base['best'], 2)))
@@ -274,7 +273,8 @@ GOAL_RATIO = 0.9
 def format_sources(rows: dict[str, dict]) -> str:
   """`measure_sources`' result as a table by skill, with the goal marked per source."""
   from jaxprompt.lab import get_task
-  lines = ['| skill | source | prefixed | prompt, no prefix | ratio | goal |', '|---|---|---|---|---|---|']
+  lines = ['| skill | source | prefixed | prompt, no prefix | ratio | goal |',
+           '|---|---|---|---|---|---|']
   for task, r in sorted(rows.items(), key=lambda kv: (get_task(kv[0]).skill, kv[0])):
     met = r['prefixed'] >= GOAL_PREFIXED and r['ratio'] >= GOAL_RATIO
     lines.append(f'| {get_task(task).skill} | {task} | {r["prefixed"]:.1f} | {r["prompt"]:.1f} | '
