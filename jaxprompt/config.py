@@ -22,6 +22,8 @@ LENGTH_MISMATCH = ('error', 'truncate', 'tile')  # what init_from does with anot
 # Used when neither the user nor the task says (lab and file tasks know their own lengths).
 FALLBACK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 16}
 FALLBACK_PROMPT_LENGTH = 100  # the paper's
+REMAT_POLICIES = ('none', 'minimal', 'full')  # T5X's names (scalable_t5)
+PARAM_DTYPES = ('float32', 'bfloat16')
 
 # The CLI flag / gin macro of an option, where it has one other than --NAME / tune.NAME.
 FLAG_NAMES = {'train_steps': '--steps', 'feature_lengths': '--inputs_length/--targets_length'}
@@ -55,6 +57,17 @@ HELP = {
     'loss_normalizing_factor': 'divides the summed loss (None: T5X default)',
     'seed': 'seed of the initialisation, data order and dropout',
     'num_partitions': 'model-parallel mesh axis size',
+    'model_parallel_submesh': "model-parallel submesh of the device grid, e.g. (1,1,1,2) "
+                              "(T5X's PjitPartitioner.model_parallel_submesh)",
+    'logical_axis_rules': 'logical axis rules replacing the standard ones, '
+                          "e.g. (('batch','data'),('embed','model'),...)",
+    'parameter_partitioning_dims': '2 also shards embed over data (2-D parameter sharding)',
+    'activation_partitioning_dims': '2 also shards activations\' embed over model',
+    'accumulate_steps': "microbatches per step (T5X's num_microbatches): the update of one "
+                        'batch, in N passes',
+    'remat_policy': 'rematerialise the backbone\'s layers: ' + ', '.join(REMAT_POLICIES),
+    'param_dtype': 'dtype the frozen backbone is held in: ' + ', '.join(PARAM_DTYPES),
+    'scan_layers': "run each stack's layers with one scanned layer (faster compiles)",
     'eval_period': 'steps between validations (and checkpoints)',
     'log_period': 'steps between training log rows',
     'eval_split': 'split validated on (None: no validation, e.g. pretraining)',
@@ -115,6 +128,15 @@ class RunConfig:
   loss_normalizing_factor: float | None = None
   seed: int = 0
   num_partitions: int = 1
+  # scale (T5X's PjitPartitioner / scalable_t5 options; see README "Running T5-XXL")
+  model_parallel_submesh: tuple[int, ...] | None = None
+  logical_axis_rules: tuple[tuple[str, str | None], ...] | None = None
+  parameter_partitioning_dims: int = 1
+  activation_partitioning_dims: int = 1
+  accumulate_steps: int = 1
+  remat_policy: str = 'none'
+  param_dtype: str = 'float32'
+  scan_layers: bool = False
   # validation, checkpoints, logging
   eval_period: int = 1000
   log_period: int = 10
@@ -137,6 +159,7 @@ class RunConfig:
   def __post_init__(self):
     check_types(self)
     positive = ('train_steps', 'batch_size', 'eval_period', 'log_period', 'num_partitions',
+                'accumulate_steps',
                 'prompt_length', 'eval_batch_size', 'max_eval_examples', 'patience', 'max_norm_growth',
                 'keep_checkpoints', 'num_processes')
     for name in positive:
@@ -152,7 +175,10 @@ class RunConfig:
       raise ConfigError(f'{option_names("dropout_rate")} must be below 1, got {self.dropout_rate}')
     for name, choices in (('prompt_init', PROMPT_INITS), ('prompt_position', PROMPT_POSITIONS),
                           ('eval_mode', EVAL_MODES),
-                          ('init_length_mismatch', LENGTH_MISMATCH)):
+                          ('init_length_mismatch', LENGTH_MISMATCH),
+                          ('remat_policy', REMAT_POLICIES), ('param_dtype', PARAM_DTYPES),
+                          ('parameter_partitioning_dims', (1, 2)),
+                          ('activation_partitioning_dims', (1, 2))):
       check_choice(name, getattr(self, name), choices)
     if self.feature_lengths is not None:
       lengths = dict(self.feature_lengths)
