@@ -67,6 +67,12 @@ class Engine:
     return jax.device_get(self.eval_step(trainable, self.frozen, self.put_batch(batch)))
 
 
+def backbone_shardings_for(t5_config, mesh: jax.sharding.Mesh, rules: list) -> Any:
+  """The backbone's params-shaped tree of `NamedSharding` on `mesh` under `rules`."""
+  return partitioning.logical_to_mesh_sharding(params_axes(t5_config), mesh, rules,
+                                               shapes=param_shapes(t5_config))
+
+
 def _replicate(tree, mesh):
   return jax.device_put(tree, partitioning.replicated(mesh))
 
@@ -76,7 +82,8 @@ def build_engine(module: Transformer, model_inputs: ModelInputs,
                  frozen: dict[str, Any], trainable: Any, *, loss: LossConfig = LossConfig(),
                  prompt_position: int = 0, num_partitions: int = 1,
                  trainable_is_backbone: bool = False, dropout: bool = True,
-                 rules: list | None = None) -> tuple[Engine, TrainState]:
+                 rules: list | None = None, mesh: jax.sharding.Mesh | None = None
+                 ) -> tuple[Engine, TrainState]:
   """Places the frozen tree and the trainable on a mesh and jits the steps.
 
   Args:
@@ -91,15 +98,14 @@ def build_engine(module: Transformer, model_inputs: ModelInputs,
     trainable_is_backbone: model tuning; the trainable takes the backbone's shardings.
     dropout: train with dropout (the config's rate).
     rules: logical axis rules; T5X's standard rules by default.
+    mesh: the device mesh; by default `num_partitions` devices on `model`, the rest on `data`.
 
   Returns:
     (engine, initial train state).
   """
-  mesh = partitioning.make_mesh(num_partitions)
+  mesh = mesh or partitioning.make_mesh(num_partitions)
   rules = rules or partitioning.standard_logical_axis_rules()
-  cfg = module.config
-  backbone_shardings = partitioning.logical_to_mesh_sharding(
-      params_axes(cfg), mesh, rules, shapes=param_shapes(cfg))
+  backbone_shardings = backbone_shardings_for(module.config, mesh, rules)
   placed = {k: (jax.device_put(v, backbone_shardings) if k == 'backbone' else _replicate(v, mesh))
             for k, v in frozen.items()}
   trainable = (jax.device_put(trainable, backbone_shardings) if trainable_is_backbone

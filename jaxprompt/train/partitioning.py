@@ -126,6 +126,20 @@ def make_mesh(num_partitions: int = 1, devices: Sequence[Any] | None = None
   return Mesh(grid, MESH_AXES)
 
 
+def mesh_from_config(config) -> Mesh:
+  """The run's `('data', 'model')` mesh from its options (`RunConfig.num_partitions`, ...)."""
+  return make_mesh(config.num_partitions)
+
+
+def rules_from_config(config) -> list[tuple[str, str | None]]:
+  """The run's logical axis rules: `RunConfig.logical_axis_rules` when given, else T5X's
+  standard rules with the config's partitioning dims."""
+  if config.logical_axis_rules:
+    return [tuple(r) for r in config.logical_axis_rules]
+  return standard_logical_axis_rules(config.activation_partitioning_dims,
+                                     config.parameter_partitioning_dims)
+
+
 def _is_axes_leaf(x: Any) -> bool:
   """True for one array's logical axis names (or None = replicated)."""
   if x is None or isinstance(x, (PartitionSpec, nn_partitioning.AxisMetadata)):
