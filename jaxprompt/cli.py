@@ -131,8 +131,34 @@ def _check_macro_bindings(files: Sequence[str], bindings: Sequence[str]) -> None
       raise UsageError(f'--gin.{name}: no loaded gin file uses the macro {name}{hint}')
 
 
+def _guard_gin_package_lookup() -> None:
+  """gin tries a relative file name (`runs/prompt_tune.gin`) as a resource of an importable
+  package `runs`; a folder `runs/` in the working directory is such a package (a namespace one,
+  without a file), on which gin's check raises TypeError instead of answering "not here". The
+  check is replaced, in place, by one that answers False for a package without a file, so only
+  real files and packages are read."""
+  import importlib.util
+
+  from gin import config as gin_config
+  for i, (reader, exists) in enumerate(gin_config._FILE_READERS):  # noqa: SLF001
+    if getattr(exists, '__name__', '') != 'system_path_file_exists':
+      continue
+
+    def package_file_exists(path: str, _exists=exists) -> bool:
+      head = os.path.dirname(path)
+      try:
+        spec = importlib.util.find_spec(head.replace('/', '.')) if head else None
+      except (ImportError, ValueError):
+        return False
+      return bool(spec and spec.origin) and _exists(path)
+
+    package_file_exists.__name__ = 'jaxprompt_package_file_exists'
+    gin_config._FILE_READERS[i] = (reader, package_file_exists)  # noqa: SLF001
+
+
 def _register_configurables() -> None:
   import gin
+  _guard_gin_package_lookup()
 
   from jaxprompt import tuning
   from jaxprompt.model.config import T5Config

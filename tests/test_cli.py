@@ -19,13 +19,8 @@ REQUIRED = ["MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'x'", "INITIAL_CHECK
 
 
 def _register_configurables():
-  from jaxprompt import tuning
-  from jaxprompt.model.config import T5Config
   gin.clear_config()
-  for name, fn in (('tune', tuning.tune), ('setup_tasks', cli.setup_tasks),
-                   ('network.T5Config', T5Config)):
-    if not gin.config._REGISTRY.get(name):
-      gin.external_configurable(fn, name)
+  cli._register_configurables()
 
 
 @pytest.mark.parametrize('model_file', sorted(glob.glob(os.path.join(GIN_DIR, 'models', '*', '*'))))
@@ -170,3 +165,24 @@ def test_lab_report_refuses_unknown_targets_and_an_existing_report(tmp_path, cap
   err = capsys.readouterr().err.strip()
   assert err.count('\n') == 0 and '--overwrite' in err
   assert report.read_text() == '{"earlier": "results"}'
+
+
+def test_shipped_gin_files_resolve_beside_user_folders_named_like_them(tmp_path, monkeypatch):
+  """A user's `runs/`, `models/` and `prompts/` folders (the README's --model_dir runs/...) in the
+  working directory *and* on sys.path are namespace packages to the import system; shipped gin
+  files still resolve, by relative name through gin and through the CLI's resolution."""
+  for folder in ('runs/has_dog', 'models', 'prompts'):
+    (tmp_path / folder).mkdir(parents=True)
+  monkeypatch.chdir(tmp_path)
+  monkeypatch.syspath_prepend(str(tmp_path))
+  import importlib
+  importlib.invalidate_caches()
+  assert importlib.util.find_spec('runs') is not None  # the trap is set
+  _register_configurables()
+  gin.add_config_file_search_path(GIN_DIR)
+  for run in ('runs/prompt_tune.gin', 'runs/xprompt.gin'):
+    gin.clear_config()
+    gin.parse_config_files_and_bindings(['models/t5_1_1/small.gin', run,
+                                         'prompts/class_labels.gin'], REQUIRED)
+    assert gin.query_parameter('MODEL_DIR/macro.value') == '/tmp/x'
+    assert os.path.isfile(cli.resolve_gin_file(run))
