@@ -5,11 +5,21 @@ from __future__ import annotations
 import os
 import pathlib
 
+import shutil  # noqa: E402
+import tempfile  # noqa: E402
+
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+# Everything a test session writes to "the temp directory" (pytest's tmp_path folders,
+# TensorFlow's autograph files, helpers' scratch, subprocesses') goes under one folder that
+# the session removes at its end: nothing is left in the system's temp directory.
+SESSION_TMP = tempfile.mkdtemp(prefix='jaxprompt_tests_')
+os.environ['TMPDIR'] = SESSION_TMP
+tempfile.tempdir = SESSION_TMP
 # Many tests build the same tiny programs in fresh closures: a persistent compilation cache
-# compiles each once (and across runs). Subprocesses the tests start inherit it.
+# compiles each once (and across runs: it lives in the checkout, git-ignored). Subprocesses
+# the tests start inherit it.
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', os.path.join(
-    os.environ.get('TMPDIR', '/tmp'), f'jaxprompt_test_xla_cache_{os.getuid()}'))
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), '.test_cache', 'xla'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 
@@ -29,6 +39,11 @@ TINY_GATED = T5Config(vocab_size=70, emb_dim=16, num_heads=3, head_dim=5, mlp_di
 TINY_RELU = T5Config(vocab_size=70, emb_dim=16, num_heads=2, head_dim=6, mlp_dim=20,
                      num_encoder_layers=3, num_decoder_layers=2, mlp_activations=('relu',),
                      logits_via_embedding=True)
+
+
+def pytest_unconfigure(config):
+  """The session's temp folder goes with the session (each xdist worker has its own)."""
+  shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
 def random_params(config: T5Config, seed: int = 0, std: float = 0.3) -> dict:
