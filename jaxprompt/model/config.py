@@ -10,7 +10,8 @@ from typing import Any
 class T5Config:
   """Hyper-parameters of a T5 encoder-decoder (the fields of T5X's `T5Config`).
 
-  `dtype` is the activation dtype; parameters are always stored in float32.
+  `dtype` is the activation dtype; checkpoints hold float32 params (a frozen backbone may be
+  held in bfloat16: `jaxprompt.model.cast_frozen`).
   `mlp_activations=('relu',)` with `logits_via_embedding=True` is T5 1.0;
   `('gelu', 'linear')` with untied logits is T5.1.1 / LM-adapted / mT5 / Flan-T5.
   """

@@ -119,6 +119,7 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   """
   batch = encoder_input_tokens.shape[0]
   k, length = num_beams, max_decode_length
+  scanned = module.scan_layers  # the cache's leaves then have a leading layer axis
   encoded = _encode(module, params, encoder_input_tokens, prompt, prompt_position)
   # Beams ride in the batch dimension: [B * k, ...].
   tile = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
@@ -135,6 +136,11 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
     return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
 
   def gather_cache(c, idx):  # a cache leaf [B * k, ...] reordered by source beam idx [B, k]
+    if scanned:  # [layers, B * k, ...]: one gather for every layer
+      return jax.vmap(lambda layer_c: gather_cache_leaf(layer_c, idx))(c)
+    return gather_cache_leaf(c, idx)
+
+  def gather_cache_leaf(c, idx):
     if c.ndim == 0:
       return c  # the shared cache index
     return gather_beams(c.reshape((batch, k) + c.shape[1:]), idx).reshape(c.shape)

@@ -14,11 +14,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
+from flax.linen import partitioning as nn_partitioning
 
 from jaxprompt.model import layers
 from jaxprompt.model.config import T5Config
 
 Array = jax.Array
+SCAN_AXIS = 'layers'  # the logical axis (and param name) of a scanned stack, as in T5X
 
 
 def _dtype(config: T5Config):
@@ -26,15 +28,19 @@ def _dtype(config: T5Config):
 
 
 class EncoderLayer(nn.Module):
+  """One encoder block. `scanned`: return `(y, None)`, the carry/output pair `nn.scan` takes.
+
+  The relative position bias is computed once per stack (its table is shared by all layers)
+  and passed in; arguments are positional so that remat can treat `deterministic` as static.
+  """
+
   config: T5Config
-  relative_embedding: nn.Module
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, inputs: Array, encoder_mask: Array | None = None,
-               deterministic: bool = False) -> Array:
+  def __call__(self, inputs: Array, encoder_bias: Array, encoder_mask: Array | None = None,
+               deterministic: bool = False):
     cfg, dtype = self.config, _dtype(self.config)
-    length = inputs.shape[-2]
-    encoder_bias = self.relative_embedding(length, length, True)  # [1, H, L, L]
     x = layers.LayerNorm(dtype=dtype, name='pre_attention_layer_norm')(inputs)
     x = layers.MultiHeadDotProductAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype,
@@ -47,20 +53,21 @@ class EncoderLayer(nn.Module):
                         intermediate_dropout_rate=cfg.dropout_rate, dtype=dtype,
                         name='mlp')(y, deterministic=deterministic)
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
-    return y + x  # [B, L, d]
+    y = y + x  # [B, L, d]
+    return (y, None) if self.scanned else y
 
 
 class DecoderLayer(nn.Module):
+  """One decoder block (see `EncoderLayer` for `scanned` and the bias argument)."""
+
   config: T5Config
-  relative_embedding: nn.Module
+  scanned: bool = False
 
   @nn.compact
-  def __call__(self, inputs: Array, encoded: Array, decoder_mask: Array | None = None,
-               encoder_decoder_mask: Array | None = None, deterministic: bool = False,
-               decode: bool = False, max_decode_length: int | None = None) -> Array:
+  def __call__(self, inputs: Array, encoded: Array, decoder_bias: Array,
+               decoder_mask: Array | None = None, encoder_decoder_mask: Array | None = None,
+               deterministic: bool = False, decode: bool = False):
     cfg, dtype = self.config, _dtype(self.config)
-    length = max_decode_length if decode and max_decode_length else inputs.shape[-2]
-    decoder_bias = self.relative_embedding(length, length, False)
 
     def attention(name):
       return layers.MultiHeadDotProductAttention(
@@ -83,12 +90,48 @@ class DecoderLayer(nn.Module):
     z = layers.MlpBlock(intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
                         intermediate_dropout_rate=cfg.dropout_rate, dtype=dtype,
                         name='mlp')(z, deterministic=deterministic)
-    return dropout(z) + y  # [B, L, d]
+    z = dropout(z) + y  # [B, L, d]
+    return (z, None) if self.scanned else z
+
+
+# T5X's remat policies (scalable_t5): what the backward pass keeps of a layer's forward.
+REMAT_POLICIES = {
+    'none': None,  # no remat: everything the backward pass needs is kept
+    'minimal': jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # weight matmuls
+    'full': jax.checkpoint_policies.nothing_saveable,  # only the layer's inputs
+}
+
+
+def check_layer_options(remat_policy: str, scan_layers: bool) -> None:
+  if remat_policy not in REMAT_POLICIES:
+    raise ValueError(f'remat_policy {remat_policy!r} is not one of {", ".join(REMAT_POLICIES)}')
+  if not isinstance(scan_layers, bool):
+    raise ValueError(f'scan_layers must be True or False, got {scan_layers!r}')
+
+
+def _stack_of(layer: type[nn.Module], count: int, remat_policy: str, scan_layers: bool,
+              static_argnums: tuple[int, ...], num_broadcast: int):
+  """The layer class a stack instantiates: rematerialised and/or scanned as asked.
+
+  `static_argnums` count `self` as 0 (flax's convention) and name the Python bools; scanned,
+  the carry is the first argument and the `num_broadcast` others are the same for every layer.
+  """
+  if remat_policy != 'none':
+    layer = nn.remat(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan_layers,
+                     static_argnums=static_argnums)
+  if scan_layers:
+    layer = nn_partitioning.scan_with_axes(
+        layer, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
+        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * num_broadcast,
+        length=count, axis_name=SCAN_AXIS)
+  return layer
 
 
 class Encoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
+  remat_policy: str = 'none'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, encoder_input_tokens: Array, encoder_mask: Array | None = None,
@@ -103,9 +146,15 @@ class Encoder(nn.Module):
       x = insert_prompt(x, prompt.astype(x.dtype), prompt_position)  # [B, P + L, d]
     x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     x = x.astype(dtype)
-    for i in range(cfg.num_encoder_layers):
-      x = EncoderLayer(cfg, relative_embedding=relpos, name=f'layers_{i}')(
-          x, encoder_mask, deterministic)
+    length = x.shape[-2]
+    bias = relpos(length, length, True)  # [1, H, L, L], shared by every layer
+    layer = _stack_of(EncoderLayer, cfg.num_encoder_layers, self.remat_policy, self.scan_layers,
+                      static_argnums=(4,), num_broadcast=3)
+    if self.scan_layers:
+      x, _ = layer(cfg, scanned=True, name=SCAN_AXIS)(x, bias, encoder_mask, deterministic)
+    else:
+      for i in range(cfg.num_encoder_layers):
+        x = layer(cfg, name=f'layers_{i}')(x, bias, encoder_mask, deterministic)
     x = layers.LayerNorm(dtype=dtype, name='encoder_norm')(x)
     return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -113,6 +162,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
   config: T5Config
   shared_embedding: nn.Module
+  remat_policy: str = 'none'
+  scan_layers: bool = False
 
   @nn.compact
   def __call__(self, encoded: Array, decoder_input_tokens: Array,
@@ -126,10 +177,16 @@ class Decoder(nn.Module):
     y = self.shared_embedding(decoder_input_tokens.astype(jnp.int32))
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     y = y.astype(dtype)
-    for i in range(cfg.num_decoder_layers):
-      y = DecoderLayer(cfg, relative_embedding=relpos, name=f'layers_{i}')(
-          y, encoded, decoder_mask=decoder_mask, encoder_decoder_mask=encoder_decoder_mask,
-          deterministic=deterministic, decode=decode, max_decode_length=max_decode_length)
+    length = max_decode_length if decode and max_decode_length else y.shape[-2]
+    bias = relpos(length, length, False)  # causal buckets; a cached step picks its row
+    layer = _stack_of(DecoderLayer, cfg.num_decoder_layers, self.remat_policy, self.scan_layers,
+                      static_argnums=(6, 7), num_broadcast=6)
+    args = (encoded, bias, decoder_mask, encoder_decoder_mask, deterministic, decode)
+    if self.scan_layers:
+      y, _ = layer(cfg, scanned=True, name=SCAN_AXIS)(y, *args)
+    else:
+      for i in range(cfg.num_decoder_layers):
+        y = layer(cfg, name=f'layers_{i}')(y, *args)
     y = layers.LayerNorm(dtype=dtype, name='decoder_norm')(y)
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -168,16 +225,28 @@ def encoder_input_mask(encoder_input_tokens: Array, prompt_length: int = 0,
 
 
 class Transformer(nn.Module):
-  """T5 encoder-decoder with T5X's `__call__`, `encode` and `decode` signatures."""
+  """T5 encoder-decoder with T5X's `__call__`, `encode` and `decode` signatures.
+
+  `remat_policy` ('none', 'minimal', 'full': T5X's) rematerialises each layer in the backward
+  pass; `scan_layers` runs each stack as one `nn.scan` over params stacked on a leading
+  'layers' axis (`encoder/layers/...`; see `jaxprompt.model.scan`). Neither is part of
+  `config`, the checkpoint's identity: they change memory and compile time, not the numbers.
+  Set them with `module.clone(remat_policy=..., scan_layers=...)`.
+  """
 
   config: T5Config
+  remat_policy: str = 'none'
+  scan_layers: bool = False
 
   def setup(self):
     cfg = self.config
+    check_layer_options(self.remat_policy, self.scan_layers)
     self.token_embedder = layers.Embed(num_embeddings=cfg.vocab_size, features=cfg.emb_dim,
                                        dtype=_dtype(cfg))
-    self.encoder = Encoder(cfg, shared_embedding=self.token_embedder)
-    self.decoder = Decoder(cfg, shared_embedding=self.token_embedder)
+    stack = dict(shared_embedding=self.token_embedder, remat_policy=self.remat_policy,
+                 scan_layers=self.scan_layers)
+    self.encoder = Encoder(cfg, **stack)
+    self.decoder = Decoder(cfg, **stack)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
              enable_dropout: bool = True, prompt: Array | None = None,
@@ -268,17 +337,18 @@ def init_params(config: T5Config, rng: Array | int = 0) -> dict[str, Any]:
   return init(rng)
 
 
-def params_axes(config: T5Config) -> dict[str, Any]:
-  """The `params_axes` collection (logical axis names per param), without allocating params."""
-  module = Transformer(config)
-  variables = jax.eval_shape(
+def _abstract_variables(config: T5Config, scan_layers: bool) -> dict[str, Any]:
+  module = Transformer(config, scan_layers=scan_layers)
+  return jax.eval_shape(
       lambda: module.init(jax.random.PRNGKey(0), **_dummy_batch(), enable_dropout=False))
-  return variables['params_axes']
 
 
-def param_shapes(config: T5Config) -> dict[str, Any]:
-  """Shape/dtype structs of the params tree, without allocating."""
-  module = Transformer(config)
-  variables = jax.eval_shape(
-      lambda: module.init(jax.random.PRNGKey(0), **_dummy_batch(), enable_dropout=False))
-  return variables['params']
+def params_axes(config: T5Config, scan_layers: bool = False) -> dict[str, Any]:
+  """The `params_axes` collection (logical axis names per param), without allocating params.
+  Scanned, each stacked layer param has 'layers' first."""
+  return _abstract_variables(config, scan_layers)['params_axes']
+
+
+def param_shapes(config: T5Config, scan_layers: bool = False) -> dict[str, Any]:
+  """Shape/dtype structs of the params tree (scanned or not), without allocating."""
+  return _abstract_variables(config, scan_layers)['params']
