@@ -1,9 +1,10 @@
 """Reading T5 backbones: T5X legacy (msgpack + zarr), T5X Orbax and Hugging Face safetensors.
 
-Every reader returns the T5X parameter tree (`token_embedder/embedding`,
-`encoder/layers_{i}/attention/query/kernel`, ...; `expected_shapes` lists it) as a nested dict
-of float32 numpy arrays.
-`load_t5` detects the format, infers (or checks) the `T5Config` and builds the module.
+Every reader describes the T5X parameter tree (`token_embedder/embedding`,
+`encoder/layers_{i}/attention/query/kernel`, ...; `expected_shapes` lists it) leaf by leaf, each
+leaf readable slice by slice (`leaves.Leaf`). `load_t5` detects the format, infers (or checks)
+the `T5Config`, places each leaf straight into its sharding (reading only this process's
+slices) and builds the module; `read_params` reads the whole tree as float32 numpy.
 
 Example:
   >>> module, params = load_t5('gs://t5-data/pretrained_models/t5x/t5_1_1_small/checkpoint_1000000')
@@ -328,33 +329,84 @@ def _t5x_config(where: str, shapes: Mapping[Path, tuple[int, ...]]) -> tuple[T5C
   return infer_config(shapes, where), 'parameter shapes'
 
 
+def open_leaves(path: str, config: T5Config | str | None = None):
+  """The backbone leaves of a T5 checkpoint (`{path: leaves.Leaf}`, prompt params left out),
+  checked against its config, and info; nothing but headers and metadata is read yet.
+
+  Returns:
+    (leaves, info): info has 'format', 'path', 'step', 'config' (the T5Config given, or else
+    inferred), 'config_source', 'dtypes' ({stored dtype: leaf count}) and 'skipped' (prompt
+    params left out).
+  """
+  fmt, where = detect(path)
+  if fmt == 'hf':
+    found, inferred = hf.leaves(where)
+    source = join(where, 'config.json')
+  else:
+    found = (t5x_legacy if fmt == 't5x_legacy' else t5x_orbax).leaves(where)
+    inferred, source = None, None
+  skipped = sorted(path_str(p) for p in found if is_prompt_path(p))
+  found = {p: leaf for p, leaf in found.items() if not is_prompt_path(p)}
+  shapes = {p: leaf.shape for p, leaf in found.items()}
+  if inferred is None:
+    inferred, source = _t5x_config(where, shapes)
+  check_shapes(shapes, inferred, f'{where} (config from {source})')
+  if config is not None:
+    config, source = as_config(config), 'given'
+    check_shapes(shapes, config, f'{where} (config given)')
+  dtypes: dict[str, int] = {}
+  for leaf in found.values():
+    dtypes[leaf.dtype] = dtypes.get(leaf.dtype, 0) + 1
+  info = dict(format=fmt, path=where, step=step_of(where), config=config or inferred,
+              config_source=source, dtypes=dtypes, skipped=skipped)
+  return found, info
+
+
 def read_params(path: str) -> tuple[dict[str, Any], dict[str, Any]]:
   """Reads a T5 checkpoint's params (float32 numpy, T5X tree) without building a module.
 
   Returns:
-    (params, info): info has 'format', 'path', 'step', 'config' (inferred T5Config),
-    'config_source', 'dtypes' ({stored dtype: leaf count}) and 'skipped' (prompt params left out).
+    (params, info): info as `open_leaves` gives it (the config inferred from the checkpoint).
   """
-  fmt, where = detect(path)
-  if fmt == 'hf':
-    params, config, dtypes = hf.read_hf(where)
-    source = join(where, 'config.json')
-  else:
-    reader = t5x_legacy if fmt == 't5x_legacy' else t5x_orbax
-    params, dtypes = reader.read(where)
-    config, source = None, None
-  flat = flatten(params)
-  skipped = sorted(path_str(p) for p in flat if is_prompt_path(p))
-  flat = {p: np.asarray(v, np.float32) for p, v in flat.items() if not is_prompt_path(p)}
-  if config is None:
-    config, source = _t5x_config(where, {p: v.shape for p, v in flat.items()})
-  check_shapes({p: v.shape for p, v in flat.items()}, config, f'{where} (config from {source})')
-  info = dict(format=fmt, path=where, step=step_of(where), config=config, config_source=source,
-              dtypes=dtypes, skipped=skipped)
+  from jaxprompt.checkpoints.leaves import read_whole  # pylint: disable=g-import-not-at-top
+  found, info = open_leaves(path)
+  flat = {p: read_whole(leaf).astype(np.float32, copy=False) for p, leaf in found.items()}
   return unflatten(flat), info
 
 
-def load_t5(path: str, config: T5Config | str | None = None):
+def load_checkpoint(path: str, config: T5Config | str | None = None, shardings=None,
+                    dtype: str = 'float32'):
+  """Reads a T5 backbone straight onto devices, leaf by leaf: each process reads only the
+  slices its devices hold (see `jaxprompt.checkpoints.leaves`).
+
+  Args:
+    path, config: as `load_t5`.
+    shardings: a params-shaped tree of `jax.sharding.Sharding` (e.g. the engine's
+      `backbone_shardings_for(config, mesh, rules)`), or a function of the T5Config returning
+      one; None places every leaf on the default device.
+    dtype: the dtype the params are held in ('float32' or 'bfloat16').
+
+  Returns:
+    (module, params, info): info as `open_leaves` gives it, plus 'fingerprint' (of the weights
+    as stored, whatever `dtype` holds them; see `backbone.fingerprint`).
+  """
+  from jaxprompt.checkpoints import leaves as leaves_lib  # pylint: disable=g-import-not-at-top
+  from jaxprompt.model import Transformer  # pylint: disable=g-import-not-at-top
+  found, info = open_leaves(path, config)
+  config = info['config']
+  if callable(shardings):
+    shardings = shardings(config)
+  if shardings is not None:
+    shardings = flatten(shardings)
+  samples: dict[Path, Any] = {}
+  params = leaves_lib.place(found, shardings, dtype, samples)
+  leaves_lib.complete(samples)
+  info['fingerprint'] = leaves_lib.digest(config, samples)
+  return Transformer(config), unflatten(params), info
+
+
+def load_t5(path: str, config: T5Config | str | None = None, shardings=None,
+            dtype: str = 'float32'):
   """Reads a T5 backbone and builds its module.
 
   Args:
@@ -364,31 +416,17 @@ def load_t5(path: str, config: T5Config | str | None = None):
     config: a T5Config or a name for `get_config` (e.g. 't5_1_1_base'); every parameter shape is
       checked against it. None infers it (HF `config.json`, a T5X `config.json` holding
       `t5x_T5Config`, or the parameter shapes).
+    shardings: where the params go (see `load_checkpoint`); None: the default device.
+    dtype: 'float32' (default) or 'bfloat16'.
 
   Returns:
-    (module, params): a `jaxprompt.model.Transformer` and its params as jnp float32 arrays.
+    (module, params): a `jaxprompt.model.Transformer` and its params as jax arrays.
 
   Raises:
     CheckpointError: a one-line message naming the file and what to do.
   """
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from jaxprompt import host as host_memory  # pylint: disable=g-import-not-at-top
-  from jaxprompt.model import Transformer  # pylint: disable=g-import-not-at-top
-
-  params, info = read_params(path)
-  if config is not None:
-    config = as_config(config)
-    check_shapes({p: v.shape for p, v in flatten(params).items()}, config,
-                 f'{info["path"]} (config given)')
-  else:
-    config = info['config']
-  host = flatten(params)
-  del params
-  # One leaf at a time, each host copy dropped once on the device, then the freed heap
-  # handed back: otherwise the read copy stays resident for the whole run.
-  params = unflatten({p: jnp.asarray(host.pop(p)) for p in list(host)})
-  host_memory.release_host_memory()
-  return Transformer(config), params
+  module, params, _ = load_checkpoint(path, config, shardings, dtype)
+  return module, params
 
 
 # The format modules use the helpers above, so they are imported last (none of them imports
@@ -399,6 +437,6 @@ from jaxprompt.checkpoints.t5x_legacy import save_t5x_legacy  # noqa: E402
 from jaxprompt.checkpoints.t5x_orbax import save_t5x_orbax  # noqa: E402
 
 __all__ = [
-    'CheckpointError', 'check_shapes', 'detect', 'expected_shapes', 'infer_config', 'load_t5',
-    'read_params', 'read_shapes', 'save_hf', 'save_t5x_legacy', 'save_t5x_orbax',
+    'CheckpointError', 'check_shapes', 'detect', 'expected_shapes', 'infer_config',
+    'load_checkpoint', 'load_t5', 'open_leaves', 'read_params', 'read_shapes', 'save_hf', 'save_t5x_legacy', 'save_t5x_orbax',
 ]

@@ -2,28 +2,25 @@
 
 The fingerprint identifies a backbone whether it was read from disk or built in memory: a
 hash of its config and of a fixed sample of every weight (up to 4096 evenly spaced values
-per leaf, plus the leaf's shape and sum), computed once in milliseconds. Run manifests and
+per leaf, plus the leaf's path and size), taken where the shards lie (no leaf is gathered). Run manifests and
 prompt files record it; resuming a run or loading a prompt checks it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import sys
 from typing import Any
 
 import numpy as np
 
-SAMPLES_PER_LEAF = 4096
 
 
 @dataclasses.dataclass
 class Backbone:
   module: Any  # jaxprompt.model.Transformer
-  params: Any
+  params: Any  # as placed for the run (sharded jax arrays); never a second, host copy
   path: str | None  # None for a backbone built in memory
   fingerprint: str
 
@@ -33,19 +30,19 @@ class Backbone:
 
 
 def fingerprint(config, params) -> str:
-  """'sha256:<16 hex>' of the config and a deterministic sample of every weight."""
-  import jax
-  from jaxprompt.checkpoints import flatten, path_str
-  digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
-  flat = flatten(params)
-  for path in sorted(flat, key=path_str):
-    flat_leaf = np.ravel(np.asarray(jax.device_get(flat[path])))
-    step = max(1, flat_leaf.size // SAMPLES_PER_LEAF)
-    sample = np.asarray(flat_leaf[::step][:SAMPLES_PER_LEAF], np.float32)
-    digest.update(path_str(path).encode())
-    digest.update(str(flat_leaf.shape).encode())
-    digest.update(sample.tobytes())
-  return 'sha256:' + digest.hexdigest()[:16]
+  """'sha256:<16 hex>' of the config and a deterministic sample of every weight.
+
+  Sharded params are sampled shard by shard where they lie (no leaf is gathered); in a
+  multi-process run every process must call it.
+  """
+  from jaxprompt.checkpoints import flatten
+  from jaxprompt.checkpoints.leaves import LeafSample, complete, digest
+  samples = {}
+  for path, leaf in flatten(params).items():
+    samples[path] = LeafSample(np.shape(leaf))
+    samples[path].add_array(leaf)
+  complete(samples)
+  return digest(config, samples)
 
 
 def resolve_backbone_path(path: str) -> str:
@@ -64,24 +61,46 @@ def resolve_backbone_path(path: str) -> str:
   return os.path.abspath(os.path.expanduser(path))
 
 
-def load_backbone(backbone, config=None, dropout_rate: float | None = None) -> Backbone:
+def load_backbone(backbone, config=None, dropout_rate: float | None = None, shardings=None,
+                  dtype: str | None = None) -> Backbone:
   """A checkpoint path ('lab' for the lab's), a `(module, params)` pair or a Backbone ->
-  Backbone, with the dropout rate replaced when one is given."""
+  Backbone, with the dropout rate replaced when one is given.
+
+  `shardings` (a params-shaped tree of shardings, or a function of the T5Config returning
+  one) and `dtype` ('float32' | 'bfloat16') say where and how the params are held: a
+  checkpoint is read straight into them, one leaf and this process's slices at a time, and
+  the Backbone keeps only the placed arrays. The fingerprint names the weights as stored (or
+  as given), whatever dtype holds them.
+  """
   from jaxprompt.model import Transformer
-  if isinstance(backbone, Backbone):
-    result = backbone
-  elif isinstance(backbone, (tuple, list)):
-    module, params = backbone
-    result = Backbone(module, params, None, fingerprint(module.config, params))
+  if isinstance(backbone, (Backbone, tuple, list)):
+    result = backbone if isinstance(backbone, Backbone) else Backbone(
+        backbone[0], backbone[1], None, fingerprint(backbone[0].config, backbone[1]))
+    if shardings is not None or dtype is not None:
+      result = dataclasses.replace(result, params=_place(result, shardings, dtype))
   else:
-    from jaxprompt.checkpoints import load_t5
+    from jaxprompt.checkpoints import load_checkpoint
     path = resolve_backbone_path(backbone)
-    module, params = load_t5(path, config=config)
-    result = Backbone(module, params, path, fingerprint(module.config, params))
+    module, params, info = load_checkpoint(path, config, shardings, dtype or 'float32')
+    result = Backbone(module, params, path, info['fingerprint'])
   if dropout_rate is not None and dropout_rate != result.module.config.dropout_rate:
     result = dataclasses.replace(
         result, module=Transformer(result.module.config.replace(dropout_rate=dropout_rate)))
   return result
+
+
+def _place(backbone: Backbone, shardings, dtype):
+  """An in-memory backbone's params on `shardings`, cast to `dtype` (a no-op for arrays
+  already there)."""
+  import jax
+  from jaxprompt.checkpoints.leaves import numpy_dtype
+  params = backbone.params
+  if dtype is not None:
+    target = numpy_dtype(dtype)
+    params = jax.tree.map(lambda x: x if x.dtype == target else x.astype(target), params)
+  if callable(shardings):
+    shardings = shardings(backbone.module.config)
+  return params if shardings is None else jax.device_put(params, shardings)
 
 
 def warn(message: str) -> None:

@@ -26,6 +26,7 @@ Only safetensors are read (numpy backend; no torch import); pickle files are ref
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Mapping
@@ -34,6 +35,7 @@ import numpy as np
 
 from jaxprompt.checkpoints import (CheckpointError, PICKLE_SUFFIXES, RELPOS_BUCKETS,
                                    expected_shapes, flatten, join, listdir, path_str, unflatten)
+from jaxprompt.checkpoints.leaves import Leaf, full_index
 from jaxprompt.model.config import T5Config
 
 Path = tuple[str, ...]
@@ -275,44 +277,64 @@ def read_hf_shapes(directory: str) -> tuple[dict[Path, tuple[tuple[int, ...], st
   return out, config.replace(logits_via_embedding=tied)
 
 
-def read_hf(directory: str) -> tuple[dict[str, Any], T5Config, dict[str, int]]:
-  """Reads a Hugging Face T5 directory into the T5X tree (float32 numpy).
+def leaves(directory: str) -> tuple[dict[Path, Leaf], T5Config]:
+  """The T5X tree of a Hugging Face T5 directory, leaf by leaf (see `leaves.Leaf`), and its
+  config. Each leaf reads `safe_open` slices of its tensor (the transposed box of a transposed
+  tensor); the file's memory map is dropped when the leaf is done.
 
   Tying: `scale_decoder_outputs` (transformers 5) or else `tie_word_embeddings` (default true)
   says whether the decoder output is scaled by d**-0.5. Scaled with no `lm_head.weight`, or
   with one equal to `shared.weight`, is T5X's `logits_via_embedding=True`. Otherwise the head
   is untied: `logits_dense = lm_head.T` (times d**-0.5 when scaled), or `shared.T` if absent.
-
-  Returns:
-    (params, config, dtypes): the T5X tree, the T5Config, {stored dtype: tensor count}.
   """
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   config, scale, headers, names = _plan(directory)
-  by_file: dict[str, list[str]] = {}
-  wanted = {_hf_name(headers, n) for n, _ in names.values()}
-  if 'lm_head.weight' in headers:
-    wanted.add('lm_head.weight')
-  for name in wanted:
-    by_file.setdefault(headers[name][0], []).append(name)
-  tensors, dtypes = {}, {}
-  for file, file_names in by_file.items():
-    with safe_open(file, framework='numpy') as f:
-      for name in file_names:
-        arr = f.get_tensor(name)
-        dtypes[arr.dtype.name] = dtypes.get(arr.dtype.name, 0) + 1
-        tensors[name] = np.asarray(arr, np.float32)
-  flat = {}
-  for path, (name, transposed) in names.items():
-    arr = tensors.pop(_hf_name(headers, name))  # pop: one copy of each tensor at a time
-    flat[path] = np.ascontiguousarray(arr.T) if transposed else arr
-  embedding = flat[('token_embedder', 'embedding')]
-  lm_head = tensors.get('lm_head.weight')
-  tied = scale and (lm_head is None or np.array_equal(lm_head, embedding))
+  out = {path: _leaf(headers, _hf_name(headers, name), transposed)
+         for path, (name, transposed) in names.items()}
+  shared = _hf_name(headers, 'shared.weight')
+  has_head = 'lm_head.weight' in headers
+  tied = scale and (not has_head or _same_tensor(headers, 'lm_head.weight', shared))
   if not tied:
-    head = embedding if lm_head is None else lm_head
-    kernel = head.T * np.float32(config.emb_dim ** -0.5) if scale else head.T
-    flat[('decoder', 'logits_dense', 'kernel')] = np.ascontiguousarray(kernel, np.float32)
-  return unflatten(flat), config.replace(logits_via_embedding=tied), dtypes
+    out[('decoder', 'logits_dense', 'kernel')] = _leaf(
+        headers, 'lm_head.weight' if has_head else shared, True,
+        scale=config.emb_dim ** -0.5 if scale else None)
+  return out, config.replace(logits_via_embedding=tied)
+
+
+def _leaf(headers: Mapping[str, Any], name: str, transposed: bool,
+          scale: float | None = None) -> Leaf:
+  file, shape, dtype = headers[name]
+
+  @contextlib.contextmanager
+  def open_leaf():
+    from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+    with safe_open(file, framework='numpy') as f:
+      tensor = f.get_slice(name)
+
+      def read(index):
+        arr = tensor[tuple(index)[::-1]].T if transposed else tensor[tuple(index)]
+        return arr if scale is None else arr.astype(np.float32) * np.float32(scale)
+
+      try:
+        yield read
+      finally:
+        del tensor  # the memory map lives as long as the slice: drop it with the leaf
+
+  return Leaf(tuple(shape[::-1]) if transposed else tuple(shape), dtype, open_leaf)
+
+
+def _same_tensor(headers: Mapping[str, Any], a: str, b: str, rows: int = 4096) -> bool:
+  """Whether two tensors are equal, compared a block of rows at a time."""
+  if headers[a][1] != headers[b][1]:
+    return False
+  left, right = _leaf(headers, a, False), _leaf(headers, b, False)
+  shape = headers[a][1]
+  with left.open() as read_a, right.open() as read_b:
+    for start in range(0, shape[0], rows):
+      box = (slice(start, min(start + rows, shape[0])),) + full_index(shape[1:])
+      if not np.array_equal(np.asarray(read_a(box), np.float32),
+                            np.asarray(read_b(box), np.float32)):
+        return False
+  return True
 
 
 def save_hf(params: Mapping[str, Any], config: T5Config, directory: str, sharded: bool = False,

@@ -12,6 +12,7 @@ uses pickle, flax or T5X.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
@@ -22,6 +23,7 @@ import numpy as np
 
 from jaxprompt.checkpoints import (CheckpointError, flatten, is_remote, join, path_str,
                                    read_bytes, unflatten)
+from jaxprompt.checkpoints.leaves import Leaf
 
 Path = tuple[str, ...]
 _NDARRAY, _COMPLEX, _SCALAR = 1, 2, 3
@@ -162,33 +164,52 @@ def _spec_shape(spec: Mapping[str, Any]) -> tuple[int, ...] | None:
   return tuple(metadata['shape']) if 'shape' in metadata else None
 
 
-def _read_zarr(specs: Mapping[Path, dict[str, Any]], file: str) -> dict[Path, np.ndarray]:
-  """Reads zarr arrays concurrently: all opens first, then all reads."""
+def _read_error(file: str, path: Path, spec: Mapping[str, Any], e: Exception) -> CheckpointError:
+  where = spec['kvstore'].get('path')
+  reason = str(e).splitlines()[0].split(' [tensorstore_spec=')[0]
+  return CheckpointError(f'{file}: cannot read the array of {path_str(path)} at {where} '
+                         f'({reason}); copy every target.* directory with the checkpoint file')
+
+
+def open_stores(specs: Mapping[Path, dict[str, Any]], fail) -> dict[Path, Any]:
+  """Opens tensorstore arrays concurrently (metadata only; no data is read or cached).
+  `fail(path, exception)` makes the error to raise."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
-
-  def fail(path, spec, e):
-    where = spec['kvstore'].get('path')
-    reason = str(e).splitlines()[0].split(' [tensorstore_spec=')[0]
-    return CheckpointError(f'{file}: cannot read the array of {path_str(path)} at {where} '
-                           f'({reason}); copy every target.* directory with the checkpoint file')
-
-  opened = {}
-  for path, spec in specs.items():
-    opened[path] = ts.open(spec, open=True, read=True)
+  context = ts.Context()
+  opened = {path: ts.open(spec, open=True, read=True, context=context)
+            for path, spec in specs.items()}
   stores = {}
   for path, future in opened.items():
     try:
       stores[path] = future.result()
     except (ValueError, RuntimeError) as e:
-      raise fail(path, specs[path], e) from None
-  reads = {path: store.read() for path, store in stores.items()}
-  out = {}
-  for path, future in reads.items():
-    try:
-      out[path] = np.asarray(future.result())
-    except (ValueError, RuntimeError) as e:
-      raise fail(path, specs[path], e) from None
-  return out
+      raise fail(path, e) from None
+  return stores
+
+
+def store_leaf(store, fail) -> Leaf:
+  """A Leaf reading boxes of an open tensorstore array (only the chunks a box touches)."""
+
+  @contextlib.contextmanager
+  def open_leaf():
+    def read(index):
+      try:
+        return store[tuple(index)].read().result()
+      except (ValueError, RuntimeError) as e:
+        raise fail(e) from None
+    yield read
+
+  return Leaf(tuple(store.shape), np.dtype(store.dtype.numpy_dtype).name, open_leaf)
+
+
+def array_leaf(arr: np.ndarray) -> Leaf:
+  """A Leaf of an array already in memory (inline msgpack leaves)."""
+
+  @contextlib.contextmanager
+  def open_leaf():
+    yield lambda index: arr[tuple(index)]
+
+  return Leaf(tuple(arr.shape), arr.dtype.name, open_leaf)
 
 
 # ----------------------------------------------------------------------------- public
@@ -219,29 +240,27 @@ def read_shapes(path: str) -> dict[Path, tuple[tuple[int, ...], str]]:
   return out
 
 
-def read(path: str) -> tuple[dict[str, Any], dict[str, int]]:
-  """Reads the `target` params of a legacy T5X checkpoint.
+def leaves(path: str) -> dict[Path, Leaf]:
+  """The `target` params of a legacy T5X checkpoint, leaf by leaf (see `leaves.Leaf`).
 
   Args:
     path: the `checkpoint_N` directory or its `checkpoint` msgpack file (local or gs://).
-
-  Returns:
-    (params, dtypes): the T5X tree as float32 numpy arrays, and {stored dtype: leaf count}.
   """
   ckpt_dir, file = _checkpoint_file(path)
   target = _flatten_leaves(_target(read_msgpack(file), file))
   specs = {p: _open_spec(leaf, ckpt_dir, file) for p, leaf in target.items() if _is_spec(leaf)}
-  arrays = _read_zarr(specs, file)
-  flat, dtypes = {}, {}
+  stores = open_stores(specs, lambda p, e: _read_error(file, p, specs[p], e))
+  out = {}
   for path_, leaf in target.items():
-    arr = arrays[path_] if path_ in arrays else np.asarray(leaf)
-    expected = _spec_shape(leaf) if _is_spec(leaf) else None
-    if expected is not None and tuple(arr.shape) != expected:
-      raise CheckpointError(f'{file}: {path_str(path_)} has shape {arr.shape} on disk but '
+    if path_ not in stores:
+      out[path_] = array_leaf(np.asarray(leaf))
+      continue
+    expected, found = _spec_shape(leaf), tuple(stores[path_].shape)
+    if expected is not None and found != expected:
+      raise CheckpointError(f'{file}: {path_str(path_)} has shape {found} on disk but '
                             f'{expected} in the spec; the checkpoint is corrupt')
-    dtypes[arr.dtype.name] = dtypes.get(arr.dtype.name, 0) + 1
-    flat[path_] = arr.astype(np.float32, copy=False)
-  return unflatten(flat), dtypes
+    out[path_] = store_leaf(stores[path_], lambda e, p=path_: _read_error(file, p, specs[p], e))
+  return out
 
 
 def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> list[int]:

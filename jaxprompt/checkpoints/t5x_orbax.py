@@ -1,18 +1,22 @@
 """Orbax T5X checkpoints: `checkpoint_N/state/` is an Orbax PyTree `{'target', 'state'}`.
 
 T5X's Orbax checkpoint manager writes one item `state` (the train state: `target` = params,
-`state` = `{'step', 'param_states'}`) and one item `dataset` per step. Only `target` is restored,
-as numpy on the host, so the sharding the checkpoint was written with does not matter.
+`state` = `{'step', 'param_states'}`) and one item `dataset` per step. Only `target` is read,
+array by array with tensorstore (OCDBT or one zarr directory per array, zarr v2 or v3, as
+`_METADATA` says), so the sharding the checkpoint was written with does not matter.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Mapping
 
 import numpy as np
 
 from jaxprompt.checkpoints import CheckpointError, flatten, join, unflatten
+from jaxprompt.checkpoints.leaves import Leaf
+from jaxprompt.checkpoints.t5x_legacy import _kvstore, open_stores, store_leaf
 
 Path = tuple[str, ...]
 
@@ -25,11 +29,6 @@ def _state_dir(path: str) -> str:
 def _has_state(path: str) -> bool:
   from jaxprompt.checkpoints import exists  # pylint: disable=g-import-not-at-top
   return exists(join(path, 'state'))
-
-
-def _checkpointer():
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  return ocp, ocp.PyTreeCheckpointer()
 
 
 def _metadata_tree(state_dir: str) -> dict[str, Any]:
@@ -60,34 +59,49 @@ def read_shapes(path: str) -> dict[Path, tuple[tuple[int, ...], str]]:
   return {p: (tuple(m.shape), np.dtype(m.dtype).name) for p, m in target.items()}
 
 
-def read(path: str) -> tuple[dict[str, Any], dict[str, int]]:
-  """Restores the `target` params of an Orbax T5X checkpoint as float32 numpy.
+def _layout(state_dir: str) -> tuple[bool, bool]:
+  """(use_ocdbt, use_zarr3) as `_METADATA` records them (older trees: OCDBT iff a manifest)."""
+  from jaxprompt.checkpoints import exists, read_bytes  # pylint: disable=g-import-not-at-top
+  file = join(state_dir, '_METADATA')
+  if exists(file):
+    try:
+      metadata = json.loads(read_bytes(file))
+      return bool(metadata.get('use_ocdbt', True)), bool(metadata.get('use_zarr3', False))
+    except ValueError:
+      pass
+  return exists(join(state_dir, 'manifest.ocdbt')), False
+
+
+def array_spec(state_dir: str, name: str, use_ocdbt: bool, use_zarr3: bool) -> dict[str, Any]:
+  """The tensorstore spec of the array `name` (`target.encoder.layers_0....`) of an Orbax tree:
+  a key in the OCDBT database of `state_dir`, or (no OCDBT) its own directory there."""
+  if not use_ocdbt:
+    return {'driver': 'zarr3' if use_zarr3 else 'zarr', 'kvstore': _kvstore(state_dir, name)}
+  base = state_dir if '://' in state_dir else 'file://' + os.path.abspath(state_dir)
+  return {'driver': 'zarr3' if use_zarr3 else 'zarr',
+          'kvstore': {'driver': 'ocdbt', 'base': base.rstrip('/') + '/', 'path': name}}
+
+
+def leaves(path: str) -> dict[Path, Leaf]:
+  """The `target` params of an Orbax T5X checkpoint, leaf by leaf (see `leaves.Leaf`), read
+  with tensorstore: a box reads only the chunks it touches, whatever sharding wrote them.
 
   Args:
     path: `checkpoint_N/` or `checkpoint_N/state/` (local or gs://).
-
-  Returns:
-    (params, dtypes): the T5X tree, and {stored dtype: leaf count}.
   """
-  ocp, checkpointer = _checkpointer()
   state_dir = _state_dir(path)
-  target_meta = _metadata_tree(state_dir)['target']
-  flat_meta = flatten(target_meta)
-  dtypes: dict[str, int] = {}
-  for m in flat_meta.values():
-    name = np.dtype(m.dtype).name
-    dtypes[name] = dtypes.get(name, 0) + 1
-  restore_args = unflatten({p: ocp.RestoreArgs(restore_type=np.ndarray) for p in flat_meta})
-  item = unflatten({p: np.zeros((), np.float32) for p in flat_meta})
-  try:
-    restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
-        item={'target': item}, restore_args={'target': restore_args}, partial_restore=True))
-  except (ValueError, OSError, RuntimeError, KeyError) as e:
-    raise CheckpointError(f'{state_dir}: cannot restore the Orbax params ({_reason(e)}); if '
-                          'files are missing, copy the whole checkpoint_N directory again') from None
-  flat = {p: np.asarray(v).astype(np.float32, copy=False)
-          for p, v in flatten(restored['target']).items()}
-  return unflatten(flat), dtypes
+  target = flatten(_metadata_tree(state_dir)['target'])
+  use_ocdbt, use_zarr3 = _layout(state_dir)
+  specs = {p: array_spec(state_dir, '.'.join(('target',) + p), use_ocdbt, use_zarr3)
+           for p in target}
+
+  def fail(p, e):
+    return CheckpointError(f'{state_dir}: cannot read the Orbax array of {"/".join(p)} '
+                           f'({_reason(e)}); if files are missing, copy the whole '
+                           'checkpoint_N directory again')
+
+  stores = open_stores(specs, fail)
+  return {p: store_leaf(store, lambda e, p=p: fail(p, e)) for p, store in stores.items()}
 
 
 def save_t5x_orbax(params: Mapping[str, Any], directory: str, step: int) -> str:
