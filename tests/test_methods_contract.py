@@ -220,3 +220,17 @@ def test_the_design_docs_example_method_works_end_to_end(world, tmp_path):
                      batch_size=8)
   assert metrics['score'] == result.best_metrics['score']
   assert m.Options().initial_gain == 1.0
+
+
+def test_metrics_log_has_one_unit_and_names_what_it_measures(world, tmp_path_factory):
+  """Train rows' token accuracy and validation rows' metrics are all percentages (T5's
+  convention): the train row says `token_accuracy`, as validation does, never a fraction."""
+  result = full_run(world, 'prompt_tuning', tmp_path_factory)
+  rows = _rows(result.model_dir)
+  train = [r for r in rows if r['split'] == 'train']
+  evals = [r for r in rows if r['split'] != 'train']
+  assert train and evals
+  for row in train:
+    assert 'accuracy' not in row and 0.0 <= row['token_accuracy'] <= 100.0
+  for row in evals:
+    assert 0.0 <= row['token_accuracy'] <= 100.0 and 0.0 <= row['accuracy'] <= 100.0

@@ -232,7 +232,8 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
         tick, tick_step = now, step
         row = {'loss': summed['loss'] / len(host),
                'loss_per_token': summed['loss'] / max(summed['weight_sum'], 1e-9),
-               'accuracy': summed['num_correct'] / max(summed['weight_sum'], 1e-9),
+               # percent, as every validation metric (T5's convention)
+               'token_accuracy': 100.0 * summed['num_correct'] / max(summed['weight_sum'], 1e-9),
                'z_loss': summed['z_loss'] / len(host), 'grad_norm': float(host[-1]['grad_norm']),
                'steps_per_sec': rate}
         if log is not None:
