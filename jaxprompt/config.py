@@ -33,6 +33,7 @@ GIN_MACROS = {
     'eval_period': 'EVAL_PERIOD', 'learning_rate': 'LEARNING_RATE', 'num_partitions':
     'NUM_PARTITIONS', 'seed': 'SEED', 'dropout_rate': 'DROPOUT_RATE', 'z_loss': 'Z_LOSS',
     'label_smoothing': 'LABEL_SMOOTHING', 'loss_normalizing_factor': 'LOSS_NORMALIZING_FACTOR',
+    'remat_policy': 'REMAT_POLICY',
     'feature_lengths': 'TASK_FEATURE_LENGTHS',
 }
 
@@ -65,8 +66,10 @@ HELP = {
     'activation_partitioning_dims': '2 also shards activations\' embed over model',
     'accumulate_steps': "microbatches per step (T5X's num_microbatches): the update of one "
                         'batch, in N passes',
-    'remat_policy': 'rematerialise the backbone\'s layers: ' + ', '.join(REMAT_POLICIES),
-    'param_dtype': 'dtype the frozen backbone is held in: ' + ', '.join(PARAM_DTYPES),
+    'remat_policy': "recompute the backbone's layers in the backward pass (T5X's policies): "
+                    "none, minimal (weight matmuls kept), full (only layer inputs kept)",
+    'param_dtype': 'dtype the frozen backbone is held in: ' + ', '.join(PARAM_DTYPES) +
+                   ' (the trainable stays float32; model tuning needs float32)',
     'scan_layers': "run each stack's layers with one scanned layer (faster compiles)",
     'eval_period': 'steps between validations (and checkpoints)',
     'log_period': 'steps between training log rows',
