@@ -31,6 +31,7 @@ from jaxprompt.checkpoints.backbone import Backbone
 from jaxprompt.config import (FALLBACK_FEATURE_LENGTHS, FALLBACK_PROMPT_LENGTH, RunConfig,
                               split_options)
 from jaxprompt.methods import Context, Method, get_method
+from jaxprompt.model import layout as model_layout
 from jaxprompt.prompts import prompt as prompt_lib
 from jaxprompt.train import checkpointing, engine as engine_lib, evaluation, loop, partitioning, steps
 
@@ -109,6 +110,7 @@ def make_context(method: Method, task: str, backbone, config: RunConfig, options
 def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, options,
         optimizer: optax.GradientTransformation | None = None, t5_config=None) -> TuneResult:
   """Trains a run of `method` (see `tune`)."""
+  check_backbone_options(method, config)
   ctx = make_context(method, task, backbone, config, options, t5_config)
   config, bb = ctx.config, ctx.backbone
   model_dir = os.path.abspath(model_dir)
@@ -117,6 +119,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
   init_rng, dropout_rng = jax.random.split(rng)
   trainable, extras = method.init(init_rng, ctx)  # may fail on the user's init file: before writing
   tx = optimizer or method.optimizer(ctx)
+  ctx, trainable = hold_backbone(method, ctx, trainable)
+  bb = ctx.backbone
 
   is_writer = jax.process_index() == 0
   manifest = dict(
@@ -160,6 +164,29 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
       lock.release()
 
 
+def check_backbone_options(method: Method, config: RunConfig) -> None:
+  """How the backbone may be held for `method`: a trained backbone stays float32."""
+  from jaxprompt.config import ConfigError, option_names
+  if method.trains_backbone and config.param_dtype != 'float32':
+    raise ConfigError(f'{option_names("param_dtype")} {config.param_dtype!r}: {method.name} '
+                      'trains the backbone, which is kept float32; leave param_dtype float32')
+
+
+def hold_backbone(method: Method, ctx: Context, trainable) -> tuple[Context, Any]:
+  """The backbone as the run holds it: the module with `remat_policy` / `scan_layers`, the
+  frozen weights in `param_dtype` and stacked when scanned (a backbone trainable, model
+  tuning, is stacked too). Its config and fingerprint, the checkpoint's identity, are kept."""
+  config, bb = ctx.config, ctx.backbone
+  module = bb.module.clone(remat_policy=config.remat_policy, scan_layers=config.scan_layers)
+  params = model_layout.cast_frozen(bb.params, config.param_dtype)
+  if config.scan_layers:
+    params = model_layout.stack_layers(params)
+    if method.trains_backbone:
+      trainable = model_layout.stack_layers(trainable)
+  bb = dataclasses.replace(bb, module=module, params=params)
+  return dataclasses.replace(ctx, backbone=bb), trainable
+
+
 def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation, extras,
            dropout_rng, is_writer: bool) -> TuneResult:
   """The loop and the products of a prepared run (the run directory is held)."""
@@ -174,11 +201,15 @@ def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation,
                       position=config.prompt_position, t5_config=bb.module.config.to_dict(),
                       **method.product_metadata(ctx))
   best_stem = os.path.join(model_dir, 'model_best' if method.trains_backbone else 'prompt_best')
+  scanned_trainable = method.trains_backbone and bb.module.scan_layers
+
+  def product(trainable):  # a trained backbone is saved unrolled, as every reader expects
+    return model_layout.unstack_layers(trainable) if scanned_trainable else trainable
   best_path: list[str] = []
 
   def on_best(trainable, step, metrics):
     if is_writer:
-      best_path[:] = [method.save_product(trainable, extras, best_stem,
+      best_path[:] = [method.save_product(product(trainable), extras, best_stem,
                                           dict(product_meta, step=step, metrics=metrics))]
 
   result = loop.train_loop(
@@ -210,7 +241,7 @@ def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation,
   return TuneResult(model_dir, result.step, result.best_step, result.best_metrics,
                     summary['initial_metrics'], final_metrics, final_path,
                     None if method.trains_backbone else best, result.plot,
-                    result.state.trainable, best if method.trains_backbone else None, bb,
+                    product(result.state.trainable), best if method.trains_backbone else None, bb,
                     result.state.opt_state)
 
 
