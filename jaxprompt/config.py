@@ -22,6 +22,9 @@ LENGTH_MISMATCH = ('error', 'truncate', 'tile')  # what init_from does with anot
 # Used when neither the user nor the task says (lab and file tasks know their own lengths).
 FALLBACK_FEATURE_LENGTHS = {'inputs': 512, 'targets': 16}
 FALLBACK_PROMPT_LENGTH = 100  # the paper's
+# Lester et al. 2021's schedule; used when neither the user nor the task says (lab tasks carry
+# their own short schedule).
+FALLBACK_SCHEDULE = {'train_steps': 30000, 'batch_size': 32, 'eval_period': 1000}
 REMAT_POLICIES = ('none', 'minimal', 'full')  # T5X's names (scalable_t5)
 PARAM_DTYPES = ('float32', 'bfloat16')
 
@@ -34,7 +37,7 @@ GIN_MACROS = {
     'NUM_PARTITIONS', 'seed': 'SEED', 'dropout_rate': 'DROPOUT_RATE', 'z_loss': 'Z_LOSS',
     'label_smoothing': 'LABEL_SMOOTHING', 'loss_normalizing_factor': 'LOSS_NORMALIZING_FACTOR',
     'remat_policy': 'REMAT_POLICY',
-    'feature_lengths': 'TASK_FEATURE_LENGTHS',
+    'feature_lengths': 'TASK_FEATURE_LENGTHS', 'accumulate_steps': 'NUM_MICROBATCHES',
 }
 
 
@@ -49,7 +52,8 @@ HELP = {
     'init_from': 'initialise the prompt from a source (transfer, SPoT): a prompt file, a PEFT '
                  'adapter directory or LIBRARY_DIR:TASK',
     'init_length_mismatch': 'a source prompt of another length: ' + ', '.join(LENGTH_MISMATCH),
-    'train_steps': 'training steps', 'batch_size': 'global batch size',
+    'train_steps': "training steps (default: the task's own, else 30000)",
+    'batch_size': "global batch size (default: the task's own, else 32)",
     'learning_rate': "the method's by default (0.3 for prompts, 1e-3 for model tuning)",
     'weight_decay': "the method's by default (1e-5 for prompts)",
     'feature_lengths': 'text budgets {inputs, targets} (default: the task\'s own, else 512/16)',
@@ -71,7 +75,8 @@ HELP = {
     'param_dtype': 'dtype the frozen backbone is held in: ' + ', '.join(PARAM_DTYPES) +
                    ' (the trainable stays float32; model tuning needs float32)',
     'scan_layers': "run each stack's layers with one scanned layer (faster compiles)",
-    'eval_period': 'steps between validations (and checkpoints)',
+    'eval_period': "steps between validations and checkpoints (default: the task's own, "
+                   'else 1000)',
     'log_period': 'steps between training log rows',
     'eval_split': 'split validated on (None: no validation, e.g. pretraining)',
     'eval_mode': 'scoring: ' + ', '.join(EVAL_MODES),
@@ -104,8 +109,8 @@ def option_names(name: str) -> str:
 class RunConfig:
   """Every option of a run but the task, backbone, run directory and method's own options.
 
-  `None` for prompt_length / feature_lengths means "the task's own, else the paper's"
-  (`FALLBACK_*`); for learning_rate / weight_decay, "the method's default" (0.3 / 1e-5 for
+  `None` for prompt_length / feature_lengths / train_steps / batch_size / eval_period means
+  "the task's own, else the paper's" (`FALLBACK_*`); for learning_rate / weight_decay, "the method's default" (0.3 / 1e-5 for
   prompts, 1e-3 / none for model tuning); for dropout_rate, the checkpoint's.
   """
 
@@ -120,8 +125,8 @@ class RunConfig:
   init_from: str | None = None  # transfer: a prompt file, PEFT adapter dir or LIBRARY_DIR:TASK
   init_length_mismatch: str = 'error'
   # training
-  train_steps: int = 30000
-  batch_size: int = 32
+  train_steps: int | None = None
+  batch_size: int | None = None
   learning_rate: float | None = None
   weight_decay: float | None = None
   feature_lengths: Mapping[str, int] | None = None
@@ -141,7 +146,7 @@ class RunConfig:
   param_dtype: str = 'float32'
   scan_layers: bool = False
   # validation, checkpoints, logging
-  eval_period: int = 1000
+  eval_period: int | None = None
   log_period: int = 10
   eval_split: str | None = 'validation'
   eval_mode: str = 'auto'
@@ -174,6 +179,10 @@ class RunConfig:
       value = getattr(self, name)
       if value is not None and value < 0:
         raise ConfigError(f'{option_names(name)} must be >= 0, got {value}')
+    if self.batch_size is not None and self.batch_size % self.accumulate_steps:
+      raise ConfigError(f'{option_names("batch_size")} {self.batch_size} does not split into '
+                        f'{option_names("accumulate_steps")} {self.accumulate_steps} '
+                        'microbatches; choose a multiple')
     if self.dropout_rate is not None and self.dropout_rate >= 1:
       raise ConfigError(f'{option_names("dropout_rate")} must be below 1, got {self.dropout_rate}')
     for name, choices in (('prompt_init', PROMPT_INITS), ('prompt_position', PROMPT_POSITIONS),

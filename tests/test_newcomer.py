@@ -137,7 +137,7 @@ def test_cli_gin_and_api_defaults_agree():
   from jaxprompt.data.tasks import TASK_DEFAULTS
   from jaxprompt.tuning import resolve_config
   TASK_DEFAULTS['newcomer_task'] = {'feature_lengths': {'inputs': 10, 'targets': 9},
-                                    'prompt_length': 10}
+                                    'prompt_length': 10, 'train_steps': 300, 'eval_period': 50}
   import seqio
   seqio.TaskRegistry.remove('newcomer_task')
   seqio.TaskRegistry.add('newcomer_task', seqio.FunctionDataSource(lambda split, shuffle_files: None, ['train']),
@@ -145,9 +145,26 @@ def test_cli_gin_and_api_defaults_agree():
   try:
     c = resolve_config(RunConfig(feature_lengths={'inputs': 12}), 'newcomer_task')
     assert c.feature_lengths == {'inputs': 12, 'targets': 9} and c.prompt_length == 10
+    # the task's own schedule, the paper's where the task says nothing, a flag over both
+    assert (c.train_steps, c.eval_period, c.batch_size) == (300, 50, 32)
+    c = resolve_config(RunConfig(train_steps=7, batch_size=4), 'newcomer_task')
+    assert (c.train_steps, c.eval_period, c.batch_size) == (7, 50, 4)
   finally:
     seqio.TaskRegistry.remove('newcomer_task')
     del TASK_DEFAULTS['newcomer_task']
+
+
+def test_lab_tasks_carry_a_schedule_of_minutes():
+  """`jaxprompt tune --task lab_has_green --backbone lab` (docs/spot.md) runs the lab's own
+  300 steps, validating every 50, not the paper's 30,000; a real task keeps the paper's."""
+  from jaxprompt.data.tasks import TASK_DEFAULTS
+  from jaxprompt.lab.tasks import LAB_SCHEDULE
+  from jaxprompt.tuning import resolve_config
+  from jaxprompt.lab import register_lab_tasks
+  register_lab_tasks()
+  assert TASK_DEFAULTS['lab_has_green']['train_steps'] == LAB_SCHEDULE['train_steps'] == 300
+  c = resolve_config(RunConfig(), 'lab_has_green')
+  assert (c.train_steps, c.eval_period, c.batch_size) == (300, 50, 32)
 
 
 def test_export_to_peft_from_the_command_line(tmp_path, capsys):

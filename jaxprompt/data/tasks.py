@@ -321,7 +321,8 @@ def member_tasks(name: str) -> tuple[str, ...]:
 
 def task_defaults(name: str) -> dict[str, Any]:
   """The run defaults the task (or every task of the mixture) carries: the longest feature
-  lengths and the first prompt length among its members."""
+  lengths, and the first prompt length / train steps / batch size / eval period among its
+  members."""
   out: dict[str, Any] = {}
   for member in member_tasks(name):
     known = TASK_DEFAULTS.get(member, {})
@@ -329,8 +330,9 @@ def task_defaults(name: str) -> dict[str, Any]:
       old = out.get('feature_lengths', {})
       out['feature_lengths'] = {k: max(v, old.get(k, 0)) for k, v in
                                 known['feature_lengths'].items()}
-    if 'prompt_length' in known:
-      out.setdefault('prompt_length', known['prompt_length'])
+    for name in ('prompt_length', 'train_steps', 'batch_size', 'eval_period'):
+      if name in known:
+        out.setdefault(name, known[name])
   return out
 
 

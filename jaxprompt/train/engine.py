@@ -67,10 +67,13 @@ class Engine:
     return jax.device_get(self.eval_step(trainable, self.frozen, self.put_batch(batch)))
 
 
-def backbone_shardings_for(t5_config, mesh: jax.sharding.Mesh, rules: list) -> Any:
-  """The backbone's params-shaped tree of `NamedSharding` on `mesh` under `rules`."""
-  return partitioning.logical_to_mesh_sharding(params_axes(t5_config), mesh, rules,
-                                               shapes=param_shapes(t5_config))
+def backbone_shardings_for(t5_config, mesh: jax.sharding.Mesh, rules: list,
+                           scan_layers: bool = False) -> Any:
+  """The backbone's params-shaped tree of `NamedSharding` on `mesh` under `rules` (of the
+  scanned tree, layers stacked on a leading 'layers' axis, with `scan_layers`)."""
+  return partitioning.logical_to_mesh_sharding(
+      params_axes(t5_config, scan_layers), mesh, rules,
+      shapes=param_shapes(t5_config, scan_layers))
 
 
 def _replicate(tree, mesh):
@@ -105,7 +108,7 @@ def build_engine(module: Transformer, model_inputs: ModelInputs,
   """
   mesh = mesh or partitioning.make_mesh(num_partitions)
   rules = rules or partitioning.standard_logical_axis_rules()
-  backbone_shardings = backbone_shardings_for(module.config, mesh, rules)
+  backbone_shardings = backbone_shardings_for(module.config, mesh, rules, module.scan_layers)
   placed = {k: (jax.device_put(v, backbone_shardings) if k == 'backbone' else _replicate(v, mesh))
             for k, v in frozen.items()}
   trainable = (jax.device_put(trainable, backbone_shardings) if trainable_is_backbone
