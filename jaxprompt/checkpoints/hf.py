@@ -341,6 +341,7 @@ def save_hf(params: Mapping[str, Any], config: T5Config, directory: str, sharded
             max_shard_bytes: int = 2 * 2**30) -> str:
   """Writes a Hugging Face T5 directory: config.json + model.safetensors (float32).
 
+  Tensors are written one at a time (the host holds one tensor beyond `params`).
   Tied models (`logits_via_embedding=True`) omit `lm_head.weight` and set
   `tie_word_embeddings: true`; untied ones write `lm_head.weight = logits_dense.T`.
   `transformers.T5ForConditionalGeneration.from_pretrained(directory)` loads the result.
@@ -356,41 +357,74 @@ def save_hf(params: Mapping[str, Any], config: T5Config, directory: str, sharded
   Returns:
     `directory`.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
-  flat = {p: np.asarray(v, np.float32) for p, v in flatten(params).items()}
+  flat = flatten(params)
   expected = expected_shapes(config)
   for path, shape in expected.items():
-    if path not in flat or flat[path].shape != shape:
-      found = flat[path].shape if path in flat else 'nothing'
+    found = tuple(np.shape(flat[path])) if path in flat else 'nothing'
+    if found != shape:
       raise CheckpointError(f'save_hf: {path_str(path)} expected {shape}, found {found}')
-  tensors = {}
-  for path, (name, transposed) in name_map(config).items():
-    tensors[name] = np.ascontiguousarray(flat[path].T if transposed else flat[path])
+  tensors = {name: (path, transposed) for path, (name, transposed) in name_map(config).items()}
   if not config.logits_via_embedding:
-    tensors['lm_head.weight'] = np.ascontiguousarray(flat[('decoder', 'logits_dense', 'kernel')].T)
+    tensors['lm_head.weight'] = (('decoder', 'logits_dense', 'kernel'), True)
+
+  def shape_of(name):
+    shape = expected[tensors[name][0]]
+    return shape[::-1] if tensors[name][1] else shape
+
+  def value_of(name):  # one tensor on the host at a time, as torch lays it out
+    path, transposed = tensors[name]
+    arr = np.asarray(flat[path], np.float32)
+    return np.ascontiguousarray(arr.T if transposed else arr)
+
   os.makedirs(directory, exist_ok=True)
   with open(join(directory, 'config.json'), 'w') as f:
     json.dump(config_to_hf(config), f, indent=2, sort_keys=True)
-  metadata = {'format': 'pt'}
+  nbytes = {name: 4 * int(np.prod(shape_of(name))) for name in tensors}
   if not sharded:
-    save_file(tensors, join(directory, 'model.safetensors'), metadata=metadata)
+    _write_safetensors(join(directory, 'model.safetensors'), sorted(tensors), shape_of, value_of)
     return directory
-  total = sum(t.nbytes for t in tensors.values())
+  total = sum(nbytes.values())
   limit = min(max_shard_bytes, max(1, total // 2))
-  shards: list[dict[str, np.ndarray]] = [{}]
+  shards: list[list[str]] = [[]]
   size = 0
   for name in sorted(tensors):
-    if shards[-1] and size + tensors[name].nbytes > limit:
-      shards.append({})
+    if shards[-1] and size + nbytes[name] > limit:
+      shards.append([])
       size = 0
-    shards[-1][name] = tensors[name]
-    size += tensors[name].nbytes
+    shards[-1].append(name)
+    size += nbytes[name]
   weight_map = {}
   for i, shard in enumerate(shards):
     file = f'model-{i + 1:05d}-of-{len(shards):05d}.safetensors'
-    save_file(shard, join(directory, file), metadata=metadata)
+    _write_safetensors(join(directory, file), shard, shape_of, value_of)
     weight_map.update({name: file for name in shard})
   with open(join(directory, INDEX), 'w') as f:
     json.dump({'metadata': {'total_size': total}, 'weight_map': weight_map}, f, indent=2,
               sort_keys=True)
   return directory
+
+
+def _write_safetensors(file: str, names: list[str], shape_of, value_of) -> None:
+  """A float32 safetensors file written tensor by tensor (the format: an 8-byte little-endian
+  header size, a JSON header of dtypes, shapes and byte ranges padded to 8 bytes, the data)."""
+  header: dict[str, Any] = {'__metadata__': {'format': 'pt'}}
+  offset = 0
+  for name in names:
+    size = 4 * int(np.prod(shape_of(name)))
+    header[name] = {'dtype': 'F32', 'shape': list(shape_of(name)),
+                    'data_offsets': [offset, offset + size]}
+    offset += size
+  encoded = json.dumps(header, separators=(',', ':')).encode()
+  encoded += b' ' * (-len(encoded) % 8)
+  tmp = file + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(len(encoded).to_bytes(8, 'little'))
+    f.write(encoded)
+    for name in names:
+      value = value_of(name)
+      if value.shape != tuple(shape_of(name)):
+        raise CheckpointError(f'{file}: {name} has shape {value.shape}, expected '
+                              f'{tuple(shape_of(name))}')
+      value.tofile(f)
+      del value
+  os.replace(tmp, file)

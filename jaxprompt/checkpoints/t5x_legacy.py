@@ -272,24 +272,26 @@ def _chunk_shape(shape: tuple[int, ...], itemsize: int) -> list[int]:
   return chunks
 
 
-def _write_zarr(arrays: Mapping[str, np.ndarray], ckpt_dir: str) -> dict[str, dict[str, Any]]:
-  """Writes each array to `ckpt_dir/<name>/` (zarr v2, gzip); returns the specs to store."""
+def _write_zarr(arrays: Mapping[str, Any], ckpt_dir: str) -> dict[str, dict[str, Any]]:
+  """Writes each array to `ckpt_dir/<name>/` (zarr v2, gzip), one at a time (a jax array is
+  brought to the host only while it is written); returns the specs to store."""
   import tensorstore as ts  # pylint: disable=g-import-not-at-top
   remote = str(ckpt_dir).startswith('gs://')
-  specs, writes = {}, []
-  for name, arr in arrays.items():
+  specs = {}
+  for name, value in arrays.items():
+    arr = np.asarray(value)
+    dtype = arr.dtype.name
     metadata = {'chunks': _chunk_shape(arr.shape, arr.dtype.itemsize),
                 'compressor': {'id': 'gzip', 'level': 1}, 'shape': list(arr.shape)}
     store = ts.open({'driver': 'zarr', 'kvstore': _kvstore(ckpt_dir, name + '/'),
-                     'dtype': arr.dtype.name, 'metadata': metadata},
+                     'dtype': dtype, 'metadata': metadata},
                     create=True, delete_existing=True).result()
-    writes.append(store.write(arr))
+    store.write(arr).result()
+    del arr
     kvstore = {'driver': 'gcs', 'bucket': DUMMY_BUCKET} if remote else {'driver': 'file'}
     kvstore['path'] = name + '/'
-    specs[name] = {'driver': 'zarr', 'dtype': arr.dtype.name, 'kvstore': kvstore,
+    specs[name] = {'driver': 'zarr', 'dtype': dtype, 'kvstore': kvstore,
                    'metadata': metadata}
-  for w in writes:
-    w.result()
   return specs
 
 
@@ -317,7 +319,7 @@ def save_t5x_legacy(params: Mapping[str, Any], directory: str, step: int,
     _gfile().makedirs(ckpt_dir)
   else:
     os.makedirs(ckpt_dir, exist_ok=True)
-  flat = {p: np.asarray(v) for p, v in flatten(params).items()}
+  flat = flatten(params)
   if inline:
     target = {p: _chunk(np.ascontiguousarray(v)) for p, v in flat.items()}
   else:
