@@ -68,29 +68,127 @@ def test_mask_gradient_matches_finite_differences_and_closed_form(layout):
                              atol=1e-5)
 
 
-def test_scorer_averages_absolute_per_batch_gradients():
+def _example_losses(module, params, prompt, k):
+  """An independent per-example loss: one example's batch through the model with the prompt
+  masked by contiguous pieces (np.repeat), T5X's summed token loss (z-loss 1e-4) of that example."""
+  from jaxprompt.model import loss_and_metrics
+  width = prompt.shape[1] // k
+
+  @jax.jit
+  def loss(token, piece, example):
+    p = prompt * token[:, None] * jnp.repeat(piece, width, axis=1)
+    logits = module.apply({'params': params}, example['encoder_input_tokens'],
+                          example['decoder_input_tokens'], example['decoder_target_tokens'],
+                          enable_dropout=False, prompt=p)
+    return loss_and_metrics(logits, example['decoder_target_tokens'],
+                            example['decoder_loss_weights'], z_loss=1e-4)[0]
+
+  return loss
+
+
+def _per_example_fd(loss, token, piece, examples, h=2e-3):
+  """Five-point finite differences of each example's loss w.r.t. every mask entry:
+  ({'token': [n, m], 'piece': [n, m, k]}) for the n examples."""
+  out = {'token': [], 'piece': []}
+  for ex in examples:
+    for name, base in (('token', token), ('piece', piece)):
+      g = np.zeros(base.shape)
+      for idx in np.ndindex(base.shape):
+        def at(step):
+          moved = {'token': token, 'piece': piece}
+          e = np.zeros(base.shape, np.float32)
+          e[idx] = step
+          moved[name] = base + e
+          return float(loss(moved['token'], moved['piece'], ex))
+        g[idx] = (-at(2 * h) + 8 * at(h) - 8 * at(-h) + at(-2 * h)) / (12 * h)
+      out[name].append(g)
+  return {k: np.stack(v) for k, v in out.items()}
+
+
+def test_importance_is_the_mean_of_per_example_absolute_gradients():
+  """I = E_x |dL(x)/dmask| (the paper's eq. 3) against per-example finite differences, over
+  batches of 4 (one with a padding row, which must not count), at partly pruned masks; the
+  per-batch form |dL(batch)/dmask| is another number on the same data."""
+  from jaxprompt.checkpoints.backbone import load_backbone
+  module, params = Transformer(TINY_GATED), random_params(TINY_GATED)
+  bb = load_backbone((module, params))
+  rs = np.random.RandomState(2)
+  m, k = 3, 2
+  prompt = rs.normal(0, 1, (m, TINY_GATED.emb_dim)).astype(np.float32)
+  batches = [dict(_tiny_batch(rs, batch=4), example_mask=np.ones(4, np.int32)) for _ in range(3)]
+  batches[2]['decoder_loss_weights'][3] = 0.0  # a padding row
+  batches[2]['example_mask'][3] = 0
+  token = np.ones(m, np.float32)
+  piece = np.ones((m, k), np.float32)
+  piece[1, 0] = 0.0  # scored at the current masks, as every pruning round is
+  examples = [{key: v[i:i + 1] for key, v in b.items() if key != 'example_mask'}
+              for b in batches for i in range(4) if b['example_mask'][i]]
+  assert len(examples) == 11
+  fd = _per_example_fd(_example_losses(module, params, prompt, k), token, piece, examples)
+  scorer = lambda **kw: xp.Scorer(bb, prompt, None, None, None, pieces=k, batches=3,  # noqa
+                                  batch_source=batches, **kw)
+  got = scorer().scores(token, piece)  # the default: per example, absolute
+  for name in ('token', 'piece'):
+    expect = np.abs(fd[name]).mean(0)
+    err = np.abs(got[name] - expect) / (expect + 0.1)
+    print(name, 'per example vs finite differences: max error / (I + 0.1):', err.max())
+    assert err.max() < 5e-3, (name, got[name], expect)
+  signed = scorer(kind='signed').scores(token, piece)
+  per_batch = scorer(per='batch').scores(token, piece)
+  for name in ('token', 'piece'):
+    expect = np.abs(fd[name]).mean(0)
+    np.testing.assert_allclose(signed[name], -fd[name].mean(0), atol=5e-3 * (
+        np.abs(fd[name]).mean() + 0.1))
+    # The per-batch form: |sum of a batch's gradients|, averaged over batches (finite
+    # differences of the batch loss are sums of the examples'): far from the per-example form.
+    sizes = np.cumsum([0, 4, 4, 3])
+    batch_fd = np.mean([np.abs(fd[name][a:b].sum(0)) for a, b in zip(sizes, sizes[1:])], 0)
+    err = np.abs(per_batch[name] - batch_fd) / (batch_fd + 0.1)
+    assert err.max() < 5e-3, (name, per_batch[name], batch_fd)
+    gap = np.abs(per_batch[name] - expect) / (expect + 0.1)
+    print(name, 'per batch vs per example: max relative gap', gap.max())
+    assert gap.max() > 0.2, (name, per_batch[name], expect)
+
+
+def test_masks_with_a_batch_axis_give_one_prompt_per_example():
+  rs = np.random.RandomState(3)
+  m, d, k, b = 4, 8, 4, 3
+  value = rs.normal(size=(m, d)).astype(np.float32)
+  tokens = (rs.uniform(size=(b, m)) > 0.3).astype(np.float32)
+  pieces = (rs.uniform(size=(b, m, k)) > 0.3).astype(np.float32)
+  for layout in ('contiguous', 'strided'):
+    extras = xp.mask_extras(np.ones(m), np.ones((m, k)), layout, d, drop_pruned=True)
+    extras['kept_tokens'] = np.array([0, 2, 3], np.int32)
+    batched = dict(extras, backbone=None, token_mask=jnp.asarray(tokens),
+                   piece_mask=jnp.asarray(pieces))
+    got = np.asarray(xp.masked_inputs(xp.prompt_lib.prompt_tree(value), batched, None)[1])
+    assert got.shape == (b, 3, d)
+    for i in range(b):
+      one = dict(extras, backbone=None, token_mask=tokens[i], piece_mask=pieces[i])
+      np.testing.assert_array_equal(
+          got[i], np.asarray(xp.masked_inputs(xp.prompt_lib.prompt_tree(value), one, None)[1]))
+
+
+def test_scorer_per_batch_option_averages_absolute_batch_gradients():
   from jaxprompt.checkpoints.backbone import load_backbone
   module, params = Transformer(TINY_GATED), random_params(TINY_GATED)
   bb = load_backbone((module, params))
   rs = np.random.RandomState(1)
   prompt = rs.normal(0, 1, (3, TINY_GATED.emb_dim)).astype(np.float32)
   batches = [_tiny_batch(rs) for _ in range(3)]
-  scorer = xp.Scorer(bb, prompt, None, None, None, pieces=2, batches=3, batch_source=batches)
   ones_t, ones_p = np.ones(3), np.ones((3, 2))
-  grads = scorer.gradients(ones_t, ones_p)
-  s = scorer.scores(ones_t, ones_p)
-  expect = np.mean([np.abs(g['token']) for g in grads], 0)
-  np.testing.assert_allclose(s['token'], expect, rtol=1e-6)
+  s = xp.Scorer(bb, prompt, None, None, None, pieces=2, batches=3, per='batch',
+                batch_source=batches).scores(ones_t, ones_p)
   frozen = {'backbone': params, 'piece_index': xp.piece_index(TINY_GATED.emb_dim, 2)}
-  for b, g in zip(batches, grads):  # per batch: |<dL/dp_i, p_i>|
-    gp = np.asarray(jax.grad(lambda p: xp.make_mask_gradient(module).loss_fn(
-        {'token': jnp.ones(3), 'piece': jnp.ones((3, 2))}, p, frozen, b))(prompt))
-    np.testing.assert_allclose(np.abs(g['token']), np.abs((gp * prompt).sum(-1)), rtol=1e-3,
-                               atol=1e-5)
+  loss_fn = xp.make_mask_gradient(module).loss_fn
+  ones = {'token': jnp.ones(3), 'piece': jnp.ones((3, 2))}
+  # per batch, the closed form: dL(batch)/dgamma_i = <dL/dp_i, p_i>
+  prompt_grad = jax.jit(jax.grad(lambda p, b: loss_fn(ones, p, frozen, b)))
+  closed = [(np.asarray(prompt_grad(prompt, b)) * prompt).sum(-1) for b in batches]
+  np.testing.assert_allclose(s['token'], np.mean(np.abs(closed), 0), rtol=1e-3, atol=1e-5)
   signed = xp.Scorer(bb, prompt, None, None, None, pieces=2, batches=3, kind='signed',
-                     batch_source=batches).scores(ones_t, ones_p)
-  np.testing.assert_allclose(signed['token'], -np.mean([g['token'] for g in grads], 0),
-                             rtol=1e-5, atol=1e-7)
+                     per='batch', batch_source=batches).scores(ones_t, ones_p)
+  np.testing.assert_allclose(signed['token'], -np.mean(closed, 0), rtol=1e-3, atol=1e-5)
 
 
 # ---- pruning schedule ----
@@ -121,6 +219,62 @@ def test_hierarchical_masks_nested_exact_and_keep_one_token():
   # fraction of (almost) everything keeps one piece of one token
   t, p = xp.hierarchical_masks(3, 2, [0.999], xp.random_scores(2))[0.999]
   assert (p * t[:, None]).sum() == 1
+
+
+def test_tokens_are_pruned_strictly_by_rank():
+  """A token whose live pieces exceed the round's token budget ends the token step: the next,
+  more important token is not pruned in its place; the remainder goes to pieces."""
+  token_scores = np.array([0.0, 1.0, 2.0, 3.0])
+  piece_scores = np.full((4, 4), 9.0)
+  piece_scores[1, 0], piece_scores[2, 1] = 0.0, 1.0  # round 1 leaves tokens 1, 2 with 3 pieces
+  score = lambda tok, pc: {'token': token_scores, 'piece': piece_scores}  # noqa: E731
+  masks = xp.hierarchical_masks(4, 4, [2 / 16, 5 / 16], score, token_share=1.0)
+  token, piece = masks[2 / 16]
+  assert token.tolist() == [1, 1, 1, 1] and piece.sum(-1).tolist() == [4, 3, 3, 4]
+  token, piece = masks[5 / 16]  # budget 3: token 0 (4 live pieces) does not fit
+  assert token.tolist() == [1, 1, 1, 1], token  # token 1 (3 pieces, more important) is kept
+  assert (piece * token[:, None]).sum() == 11
+
+
+def _token_step_rounds(calls, masks, fractions):
+  """(token scores, alive before, alive after the token step) of each round, from the recorded
+  score calls of `hierarchical_masks` with token_share 1 (every round scores tokens first; a
+  piece call follows iff pieces remain to prune, and then prunes at least one)."""
+  alive = lambda t, p: set(xp.kept_tokens(t, p).tolist())  # noqa: E731
+  rounds, i = [], 0
+  for f in fractions:
+    t0, p0, s = calls[i]
+    end = masks[f]
+    i += 1
+    after = end
+    if i < len(calls) and not (np.array_equal(calls[i][0], end[0]) and
+                               np.array_equal(calls[i][1], end[1])):
+      after = calls[i][:2]  # this round's piece call: the masks right after the token step
+      i += 1
+    rounds.append((s, alive(t0, p0), alive(*after)))
+  assert i == len(calls)
+  return rounds
+
+
+@pytest.mark.parametrize('seed', range(4))
+def test_no_kept_token_ranks_below_a_token_pruned_in_the_same_round(seed):
+  rs = np.random.RandomState(seed)
+  calls = []
+
+  def score(token, piece):  # fresh scores every call, as re-scoring at new masks gives
+    s = {'token': rs.uniform(size=token.shape), 'piece': rs.uniform(size=piece.shape)}
+    calls.append((token.copy(), piece.copy(), s['token']))
+    return s
+
+  fractions = (0.07, 0.15, 0.26, 0.4, 0.55, 0.7, 0.85)
+  masks = xp.hierarchical_masks(12, 8, fractions, score, token_share=1.0)
+  pruned_any = 0
+  for s, before, after in _token_step_rounds(calls, masks, fractions):
+    pruned = before - after
+    pruned_any += len(pruned)
+    if pruned:
+      assert max(s[list(pruned)]) <= min(s[list(after)]), (s, before, after)
+  assert pruned_any >= 3
 
 
 def test_options_and_bad_input_are_one_clear_error():

@@ -4,14 +4,16 @@ Stage 1 is prompt tuning (method `xprompt` with no masks is exactly prompt tunin
 records the XPrompt options in the manifest). Stage 2 scores and prunes: a token mask gamma
 [m] and a piece mask zeta [m, k] (each token's vector split into k pieces, contiguous by the
 paper, strided as an option) multiply the prompt, P_hat = P * gamma * zeta; the importance of
-an entry is I = E_x |dL(x)/d mask| at the current masks (pruned entries 0, the rest 1),
-averaged over a few training batches, one jitted gradient pass per batch. Tokens are pruned
-first, then pieces within surviving tokens, round after round to each target fraction of the
-prompt's parameters (10%..90%); the masks are nested across fractions and at least one token
-survives. Stage 3 rewinds: the surviving entries restart from their stage-1 values
-(`init_from` the stage-1 prompt), pruned entries are zero and never updated, and the run is
-retrained with stage 1's schedule through the one run driver (method `xprompt` with
-`masks=FILE`); the fraction with the best validation metric is chosen.
+an entry is I = E_x |dL(x)/d mask| at the current masks (pruned entries 0, the rest 1): each
+training example's own gradient, its absolute value, then the mean over the examples of a few
+training batches (eq. 3 of the paper, after Michel et al. 2019). One jitted backward pass per
+batch gives every example's gradient, the masks carrying one copy per example. Tokens are
+pruned first, strictly by importance rank, then pieces within surviving tokens, round after
+round to each target fraction of the prompt's parameters (10%..90%); the masks are nested
+across fractions and at least one token survives. Stage 3 rewinds: the surviving entries
+restart from their stage-1 values (`init_from` the stage-1 prompt), pruned entries are zero and
+never updated, and the run is retrained with stage 1's schedule through the one run driver
+(method `xprompt` with `masks=FILE`); the fraction with the best validation metric is chosen.
 
     jaxprompt tune --gin_file=runs/xprompt.gin --gin.MODEL_DIR="'runs/x'" ...   # stage 1
     jaxprompt prune --prompt runs/x/prompt_best.safetensors --task T --backbone B  # 2 and 3
@@ -49,6 +51,7 @@ from jaxprompt.prompts import prompt as prompt_lib
 
 PIECE_LAYOUTS = ('contiguous', 'strided')
 IMPORTANCE_KINDS = ('absolute', 'signed')
+IMPORTANCE_UNITS = ('example', 'batch')
 MASK_SCORES = ('importance', 'random')
 DEFAULT_FRACTIONS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 STATE_FILE = 'prune.json'
@@ -98,6 +101,8 @@ class XPromptOptions:
   importance_batches: training batches averaged per importance pass.
   importance_kind: 'absolute' (E|dL/dmask|, the paper) or 'signed' (-E[dL/dmask], the
     first-order loss increase when the entry is removed).
+  importance_per: 'example' (the paper: |dL(x)/dmask| per example x, then the mean over
+    examples) or 'batch' (|dL(batch)/dmask| per batch, then the mean over batches).
   token_share: share of each round's pruning done by whole tokens (the rest by pieces).
   mask_scores: 'importance', or 'random' scores (the control of the same sizes).
   """
@@ -109,6 +114,7 @@ class XPromptOptions:
   prune_fractions: tuple = DEFAULT_FRACTIONS
   importance_batches: int = 8
   importance_kind: str = 'absolute'
+  importance_per: str = 'example'
   token_share: float = 0.5
   mask_scores: str = 'importance'
 
@@ -127,7 +133,7 @@ class XPromptOptions:
     if not isinstance(self.token_share, (int, float)) or not 0 <= self.token_share <= 1:
       raise ConfigError(f'token_share (--token_share) must be in [0, 1], got {self.token_share!r}')
     for name, choices in (('piece_layout', PIECE_LAYOUTS), ('importance_kind', IMPORTANCE_KINDS),
-                          ('mask_scores', MASK_SCORES)):
+                          ('importance_per', IMPORTANCE_UNITS), ('mask_scores', MASK_SCORES)):
       if getattr(self, name) not in choices:
         raise ConfigError(f'{name} (--{name}): unknown value {getattr(self, name)!r}; choose '
                           f'one of {", ".join(choices)}')
@@ -155,9 +161,10 @@ def piece_index(width: int, pieces: int, layout: str = 'contiguous') -> np.ndarr
 
 
 def element_mask(token_mask, piece_mask, index):
-  """gamma [m], zeta [m, k], piece index [d] -> the [m, d] multiplier (numpy or jax)."""
+  """gamma [..., m], zeta [..., m, k], piece index [d] -> the [..., m, d] multiplier (numpy or
+  jax); masks with a leading batch axis give one multiplier per example."""
   xp = jnp if isinstance(token_mask, jax.Array) or isinstance(piece_mask, jax.Array) else np
-  return token_mask[:, None] * xp.take(piece_mask, index, axis=1)
+  return token_mask[..., None] * xp.take(piece_mask, index, axis=-1)
 
 
 def kept_tokens(token_mask, piece_mask) -> np.ndarray:
@@ -183,13 +190,14 @@ def mask_extras(token_mask, piece_mask, layout: str, width: int,
 
 def masked_inputs(trainable, frozen, batch):
   """The XPrompt mapping: frozen backbone, prompt * gamma * zeta (pruned tokens dropped from the
-  sequence when the extras name the kept ones)."""
+  sequence when the extras name the kept ones). Masks gamma [B, m], zeta [B, m, k] (one copy per
+  example, as the importance pass uses them) give a [B, m, d] prompt, one per example."""
   del batch
   prompt = prompt_lib.get_prompt(trainable)
   prompt = prompt * element_mask(frozen['token_mask'], frozen['piece_mask'],
                                  frozen['piece_index'])
   if 'kept_tokens' in frozen:
-    prompt = jnp.take(prompt, frozen['kept_tokens'], axis=0)
+    prompt = jnp.take(prompt, frozen['kept_tokens'], axis=-2)
   return frozen['backbone'], prompt
 
 
@@ -340,23 +348,33 @@ def _layout_of(extras) -> str:
 
 # ---- importance ----
 
-def make_mask_gradient(module, loss=None, prompt_position: int = 0) -> Callable:
-  """`grad(masks, prompt, frozen, batch) -> {'token': dL/dgamma [m], 'piece': dL/dzeta [m, k]}`
-  (pure; jit it), at the given masks, dropout off, with the training loss."""
-  from jaxprompt.model import loss_and_metrics
-  from jaxprompt.train.steps import LossConfig
-  loss = loss or LossConfig()
+def make_mask_loss(module, loss=None, prompt_position: int = 0) -> Callable:
+  """`loss(masks, prompt, frozen, batch)`: the training loss of `batch` (dropout off) with the
+  prompt masked by masks = {'token': gamma, 'piece': zeta}, shared ([m], [m, k]) or one copy per
+  example ([B, m], [B, m, k]); the train step's mapping (`masked_inputs`) and loss.
+
+  T5X's loss sums over examples: L(batch) = sum_x L(x), where L(x), the loss of one example, is
+  its target tokens' cross-entropy plus z-loss (label smoothing as configured), summed over its
+  target tokens (weighted by `decoder_loss_weights`) and divided by `loss_normalizing_factor`
+  when one is set (a constant; none by default). A padding example (all weights 0) has L = 0.
+  """
+  from jaxprompt.train.steps import LossConfig, make_eval_step
+  step = make_eval_step(module, masked_inputs, loss or LossConfig(), prompt_position)
 
   def loss_fn(masks, prompt, frozen, batch):
-    p = prompt * element_mask(masks['token'], masks['piece'], frozen['piece_index'])
-    logits = module.apply({'params': frozen['backbone']}, batch['encoder_input_tokens'],
-                          batch['decoder_input_tokens'], batch['decoder_target_tokens'],
-                          enable_dropout=False, prompt=p, prompt_position=prompt_position)
-    value, _ = loss_and_metrics(logits, batch['decoder_target_tokens'],
-                                batch.get('decoder_loss_weights'), z_loss=loss.z_loss,
-                                label_smoothing=loss.label_smoothing,
-                                loss_normalizing_factor=loss.loss_normalizing_factor)
-    return value
+    frozen = dict(frozen, token_mask=masks['token'], piece_mask=masks['piece'])
+    return step(prompt_lib.prompt_tree(prompt), frozen, batch)['loss']
+
+  return loss_fn
+
+
+def make_mask_gradient(module, loss=None, prompt_position: int = 0) -> Callable:
+  """`grad(masks, prompt, frozen, batch)`: dL/dmasks at the given masks (pure; jit it), dropout
+  off, with the training loss (`make_mask_loss`; its `loss_fn` attribute). Shared masks ([m],
+  [m, k]) give the batch's gradient dL(batch)/dmask; one copy per example ([B, m], [B, m, k])
+  gives each example's own dL(x)/dmask in the same one backward pass, since L(batch) =
+  sum_x L(x) and example x's prompt depends on its own copy alone."""
+  loss_fn = make_mask_loss(module, loss, prompt_position)
 
   def grad(masks, prompt, frozen, batch):
     return jax.grad(loss_fn)(masks, prompt, frozen, batch)
@@ -365,58 +383,114 @@ def make_mask_gradient(module, loss=None, prompt_position: int = 0) -> Callable:
   return grad
 
 
+def real_examples(batch) -> jax.Array:
+  """[B] float: 1 for a real example, 0 for padding (`example_mask` 0, or no loss weight)."""
+  from jaxprompt.data.features import EXAMPLE_MASK
+  weights = batch.get('decoder_loss_weights')
+  size = batch['decoder_target_tokens'].shape[0]
+  real = jnp.ones((size,), bool) if weights is None else jnp.any(weights != 0, axis=-1)
+  if EXAMPLE_MASK in batch:
+    real = real & (batch[EXAMPLE_MASK] != 0)
+  return real.astype(jnp.float32)
+
+
+def make_importance_pass(module, loss=None, prompt_position: int = 0, per: str = 'example',
+                         kind: str = 'absolute') -> Callable:
+  """`one_pass(masks, prompt, frozen, batch) -> {'token': [m], 'piece': [m, k], 'count': n}`
+  (pure; jit it): one batch's share of the importance at the masks ([m], [m, k]); the importance
+  is the sum of 'token' (or 'piece') over batches divided by the sum of 'count'.
+
+  per 'example' (the paper's E_x |dL(x)/dmask|): the masks get a batch axis, one copy per example,
+  so one backward pass gives every example's dL(x)/dmask; sums |dL(x)/dmask| (kind 'absolute')
+  or dL(x)/dmask ('signed') over the batch's real examples; count = real examples.
+  per 'batch': |dL(batch)/dmask| (or dL(batch)/dmask) of the whole batch; count = 1.
+  """
+  if per not in IMPORTANCE_UNITS or kind not in IMPORTANCE_KINDS:
+    raise ValueError(f'importance per {per!r}, kind {kind!r}: choose per in {IMPORTANCE_UNITS}, '
+                     f'kind in {IMPORTANCE_KINDS}')
+  grad = make_mask_gradient(module, loss, prompt_position)
+  size = jnp.abs if kind == 'absolute' else (lambda g: g)
+
+  def one_pass(masks, prompt, frozen, batch):
+    if per == 'batch':
+      g = grad(masks, prompt, frozen, batch)
+      return {'token': size(g['token']), 'piece': size(g['piece']), 'count': jnp.float32(1.0)}
+    real = real_examples(batch)
+    copies = {k: jnp.broadcast_to(v, real.shape + v.shape) for k, v in masks.items()}
+    g = grad(copies, prompt, frozen, batch)
+    return {'token': jnp.tensordot(real, size(g['token']), axes=1),
+            'piece': jnp.tensordot(real, size(g['piece']), axes=1), 'count': jnp.sum(real)}
+
+  return one_pass
+
+
 class Scorer:
   """Importance of token and piece masks of one prompt on one task's training batches.
 
-  `scores(token_mask, piece_mask)` runs `batches` jitted gradient passes (one per batch) at the
-  given masks and returns ({'token': [m], 'piece': [m, k]} importance, seconds per pass).
+  `scores(token_mask, piece_mask)` -> {'token': [m], 'piece': [m, k]} at the given masks: by
+  default I = E_x |dL(x)/dmask| (Ma et al. 2022 eq. 3), the mean over the real examples of
+  `batches` training batches of each example's absolute gradient (L(x): `make_mask_loss`); one
+  jitted backward pass per batch (`make_importance_pass`; `per='batch'` averages
+  |dL(batch)/dmask| over batches instead; `kind='signed'` gives -E_x[dL(x)/dmask]).
+  `pass_seconds` records every pass.
   """
 
   def __init__(self, backbone, prompt: np.ndarray, task: str, feature_lengths, batch_size: int,
                *, pieces: int = 16, layout: str = 'contiguous', batches: int = 8,
-               kind: str = 'absolute', seed: int = 0, prompt_position: int = 0, loss=None,
-               batch_source: Sequence[dict] | None = None):
+               kind: str = 'absolute', per: str = 'example', seed: int = 0,
+               prompt_position: int = 0, loss=None, batch_source: Sequence[dict] | None = None):
     from jaxprompt.train import engine as engine_lib
     self.prompt = np.asarray(prompt, np.float32)
     m, d = self.prompt.shape
     self.index = piece_index(d, pieces, layout)
-    self.kind, self.num_batches = kind, batches
-    self.engine, _ = engine_lib.build_engine(
+    self.kind, self.per, self.num_batches = kind, per, batches
+    self.engine, state = engine_lib.build_engine(
         backbone.module, masked_inputs, None,
         {'backbone': backbone.params, 'piece_index': self.index},
         prompt_lib.prompt_tree(self.prompt), prompt_position=prompt_position)
-    self._grad = self.engine.jit(make_mask_gradient(backbone.module, loss, prompt_position))
+    self._prompt = prompt_lib.get_prompt(state.trainable)  # on the engine's devices, once
+    self._grad = self.engine.jit(make_importance_pass(backbone.module, loss, prompt_position,
+                                                      per, kind))
     if batch_source is None:
-      from jaxprompt.data.features import EXAMPLE_MASK, get_dataset
+      from jaxprompt.data.features import get_dataset
       it = get_dataset(task, feature_lengths, 'train', batch_size, shuffle=True, seed=seed,
                        num_epochs=None)
-      batch_source = [{k: v for k, v in b.items() if k != EXAMPLE_MASK}
-                      for b, _ in zip(it, range(batches))]
+      batch_source = [b for b, _ in zip(it, range(batches))]
     self.batches = [self.engine.put_batch(b) for b in list(batch_source)[:batches]]
     self.pass_seconds: list[float] = []
 
-  def gradients(self, token_mask, piece_mask) -> list[dict[str, np.ndarray]]:
+  def batch_sums(self, token_mask, piece_mask) -> list[dict[str, np.ndarray]]:
+    """Each batch's `make_importance_pass` output at the masks (float64)."""
     masks = {'token': jnp.asarray(token_mask, jnp.float32),
              'piece': jnp.asarray(piece_mask, jnp.float32)}
     out = []
     for batch in self.batches:
       start = time.perf_counter()
-      g = jax.device_get(self._grad(masks, self.prompt, self.engine.frozen, batch))
+      sums = jax.device_get(self._grad(masks, self._prompt, self.engine.frozen, batch))
       self.pass_seconds.append(time.perf_counter() - start)
-      out.append({k: np.asarray(v, np.float64) for k, v in g.items()})
+      out.append({k: np.asarray(v, np.float64) for k, v in sums.items()})
     return out
 
   def scores(self, token_mask, piece_mask) -> dict[str, np.ndarray]:
-    grads = self.gradients(token_mask, piece_mask)
-    if self.kind == 'absolute':
-      return {k: np.mean([np.abs(g[k]) for g in grads], axis=0) for k in ('token', 'piece')}
-    return {k: -np.mean([g[k] for g in grads], axis=0) for k in ('token', 'piece')}
+    sums = self.batch_sums(token_mask, piece_mask)
+    count = sum(float(s['count']) for s in sums)
+    if count == 0:
+      raise ValueError('importance: the scoring batches hold no real example')
+    sign = 1.0 if self.kind == 'absolute' else -1.0
+    return {k: sign * np.sum([s[k] for s in sums], axis=0) / count for k in ('token', 'piece')}
 
 
 # ---- hierarchical pruning ----
 
 def _prune_round(token, piece, target: int, token_share: float, score_fn) -> None:
-  """Prunes (in place) down to `target` pruned pieces: whole tokens, then pieces."""
+  """Prunes (in place) down to `target` pruned pieces: whole tokens, then pieces.
+
+  Token level: the surviving tokens in order of importance, lowest first, while their live
+  pieces fit in `token_share` of the round's need; strictly by rank, so the first token that
+  does not fit ends the token step (no later, more important token is pruned in its place) and
+  the rest of the need goes to the piece level. At least one token survives. Piece level: the
+  lowest-importance live pieces, re-scored after the token step; at least one piece survives.
+  """
   m, k = piece.shape
   live = lambda: piece * token[:, None]  # noqa: E731
   need = target - (m * k - int(live().sum()))
@@ -425,17 +499,15 @@ def _prune_round(token, piece, target: int, token_share: float, score_fn) -> Non
   budget = int(np.floor(token_share * need))
   if budget >= 1:
     s = score_fn(token, piece)['token']
+    alive = kept_tokens(token, piece)
+    counts = live().sum(-1)
     removed = 0
-    for i in np.argsort(s, kind='stable'):
-      alive = kept_tokens(token, piece)
-      if i not in alive or len(alive) <= 1:
-        continue
-      count = int(live()[i].sum())
-      if removed + count > budget:
-        continue
+    for i in alive[np.argsort(s[alive], kind='stable')][:len(alive) - 1]:
+      if removed + counts[i] > budget:
+        break
       token[i] = 0.0
       piece[i] = 0.0
-      removed += count
+      removed += int(counts[i])
   need = target - (m * k - int(live().sum()))
   if need <= 0:
     return
@@ -593,7 +665,8 @@ def prune(prompt: str, task: str, *, backbone, out_dir: str | None = None,
   if not all(os.path.exists(p) for p in mask_paths.values()):
     scorer = Scorer(bb, value, task, cfg.feature_lengths, cfg.batch_size, pieces=opts.pieces,
                     layout=opts.piece_layout, batches=opts.importance_batches,
-                    kind=opts.importance_kind, seed=cfg.seed, prompt_position=position)
+                    kind=opts.importance_kind, per=opts.importance_per, seed=cfg.seed,
+                    prompt_position=position)
     score_fn = (scorer.scores if opts.mask_scores == 'importance'
                 else random_scores(cfg.seed))
     say(f'scoring and pruning {m} tokens x {opts.pieces} pieces to fractions '
@@ -688,7 +761,7 @@ class _Validator:
   def __call__(self, path: str) -> float:
     from jaxprompt.methods import get_method
     from jaxprompt.prompts.files import read_prompt
-    from jaxprompt.train import engine as engine_lib, evaluation
+    from jaxprompt.train import engine as engine_lib, evaluation, partitioning
     pf = read_prompt(path)
     method = get_method('prompt_tuning')
     value = np.asarray(pf.masked_value(), np.float32)
@@ -705,7 +778,8 @@ class _Validator:
       eng, _ = engine_lib.build_engine(self.bb.module, method.eval_inputs, None,
                                        {'backbone': self.bb.params}, prompt_lib.prompt_tree(value),
                                        prompt_position=self.position,
-                                       num_partitions=c.num_partitions)
+                                       mesh=partitioning.mesh_from_config(c),
+                                       rules=partitioning.rules_from_config(c))
       self._cache[key] = evaluation.build_validation(
           eng, method, self.ctx.tasks, c.eval_split, c.feature_lengths, self.batch_size,
           c.eval_mode, c.max_eval_examples, self.position)
@@ -776,6 +850,8 @@ def _add_arguments(p) -> None:
       ('piece_layout', str, 'contiguous (default) or strided'),
       ('importance_batches', int, 'batches per importance pass (default 8)'),
       ('importance_kind', str, 'absolute (default) or signed'),
+      ('importance_per', str, 'example (default: the mean of |dL(x)/dmask| over examples) or '
+       'batch (over batches of |dL(batch)/dmask|)'),
       ('token_share', float, 'share of each round pruned as whole tokens (default 0.5)'),
       ('mask_scores', str, 'importance (default) or random (the control)')):
     p.add_argument(f'--{name}', type=kind, default=None, help=help_text)
@@ -806,7 +882,8 @@ def _run_command(args) -> int:
   if lengths:
     config['feature_lengths'] = lengths
   options = {k: getattr(args, k) for k in ('pieces', 'piece_layout', 'importance_batches',
-                                           'importance_kind', 'token_share', 'mask_scores')
+                                           'importance_kind', 'importance_per', 'token_share',
+                                           'mask_scores')
              if getattr(args, k) is not None}
   if args.fractions is not None:
     options['prune_fractions'] = check_fractions(args.fractions)
