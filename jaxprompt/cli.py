@@ -162,8 +162,13 @@ def _register_configurables() -> None:
 
   from jaxprompt import tuning
   from jaxprompt.model.config import T5Config
+  from jaxprompt.train import partitioning
   for name, fn in (('tune', tuning.tune), ('setup_tasks', setup_tasks),
-                   ('network.T5Config', T5Config)):
+                   ('network.T5Config', T5Config),
+                   # T5X's spelling of the mesh and axis rules (`partitioning.t5x_gin_options`)
+                   ('partitioning.PjitPartitioner', partitioning.pjit_partitioner),
+                   ('partitioning.standard_logical_axis_rules',
+                    partitioning.standard_logical_axis_rules)):
     if not gin.config._REGISTRY.get(name):  # noqa: SLF001 - gin has no public "is registered"
       gin.external_configurable(fn, name)
 
@@ -181,7 +186,8 @@ def gin_tune(files: Sequence[str], bindings: Sequence[str]):
     raise _gin_error(e) from None
   try:
     gin.get_configurable('setup_tasks')()
-    return gin.get_configurable('tune')()
+    from jaxprompt.train.partitioning import t5x_gin_options
+    return gin.get_configurable('tune')(**t5x_gin_options())
   except RuntimeError as e:
     if 'REQUIRED' not in str(e) and 'required' not in str(e):
       raise
@@ -420,6 +426,103 @@ def _lab_command(args) -> int:
   return 0
 
 
+def _add_plan_parser(sub) -> None:
+  from jaxprompt.config import HELP, PARAM_DTYPES, REMAT_POLICIES
+  p = sub.add_parser('plan', help='will a run fit? per-device memory of its compiled steps for '
+                     'each mesh of a device target (abstract weights, nothing allocated)')
+  p.add_argument('--model', required=True,
+                 help='a T5 config name (t5_1_1_xxl), a model gin file (models/t5_1_1/xxl.gin) '
+                      'or a checkpoint')
+  p.add_argument('--target', default='cpu:1',
+                 help="cpu:N, or a TPU topology with libtpu installed: v3-8, v3-32, v4-16, v5p-8, "
+                      "v5p-2 (one chip), libtpu's v4:2x2x2 (default cpu:1)")
+  p.add_argument('--meshes', default=None,
+                 help='(data, model) shapes to try, e.g. 1x8,2x4 (default: every factorisation)')
+  p.add_argument('--method', default='prompt_tuning', help='prompt_tuning or model_tuning')
+  p.add_argument('--batch_size', type=int, default=32, help='global batch size (32)')
+  p.add_argument('--inputs_length', type=int, default=512, help='input tokens (512)')
+  p.add_argument('--targets_length', type=int, default=16, help='target tokens (16)')
+  p.add_argument('--prompt_length', type=int, default=100, help='prompt tokens (100)')
+  p.add_argument('--dtype', default='bfloat16', help='activation dtype (bfloat16)')
+  p.add_argument('--param_dtype', default='float32', choices=PARAM_DTYPES,
+                 help=HELP['param_dtype'])
+  p.add_argument('--remat_policy', default='none', choices=REMAT_POLICIES,
+                 help=HELP['remat_policy'])
+  p.add_argument('--scan_layers', action='store_true', help=HELP['scan_layers'])
+  p.add_argument('--accumulate_steps', type=int, default=1, help=HELP['accumulate_steps'])
+  p.add_argument('--parameter_partitioning_dims', type=int, default=1, choices=(1, 2),
+                 help=HELP['parameter_partitioning_dims'])
+  p.add_argument('--activation_partitioning_dims', type=int, default=1, choices=(1, 2),
+                 help=HELP['activation_partitioning_dims'])
+  p.add_argument('--logical_axis_rules', default=None, help=HELP['logical_axis_rules'])
+  p.add_argument('--device_memory', default=None,
+                 help="memory per device to judge fit against, e.g. 80GB (a GPU's) or 95GiB "
+                      "(default: the TPU's own; none for cpu)")
+  p.add_argument('--steps', default='train,eval', help='steps to compile (train,eval)')
+  p.add_argument('--json', action='store_true', help='print the rows as JSON')
+  p.add_argument('--out', default=None, help='also write the rows and settings to this JSON file')
+
+
+def _plan_command(args) -> int:
+  import ast
+  from jax._src import xla_bridge
+  from jaxprompt import plan as plan_lib
+  cpus = re.fullmatch(r'cpu:(\d+)', args.target)
+  if cpus and not xla_bridge.backends_are_initialized():  # N host devices, before jax starts
+    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                               f' --xla_force_host_platform_device_count={cpus.group(1)}')
+  if args.out and os.path.exists(args.out):
+    raise FileExistsError(f'--out {args.out} exists; choose another file')
+  meshes = None
+  if args.meshes:
+    try:
+      meshes = [tuple(int(n) for n in m.split('x')) for m in args.meshes.split(',')]
+      assert all(len(m) == 2 for m in meshes)
+    except (ValueError, AssertionError):
+      raise UsageError(f'--meshes {args.meshes}: give DATAxMODEL shapes, e.g. 1x8,2x4') from None
+  rules = None
+  if args.logical_axis_rules:
+    try:
+      rules = ast.literal_eval(args.logical_axis_rules)
+    except (ValueError, SyntaxError):
+      raise UsageError(f'--logical_axis_rules: not a Python literal; give e.g. '
+                       f"\"(('batch', 'data'), ('embed', 'model'))\"") from None
+  settings = dict(model=args.model, method=args.method, batch=args.batch_size,
+                  inputs=args.inputs_length, prompt=args.prompt_length,
+                  targets=args.targets_length, activations=args.dtype,
+                  params=args.param_dtype, remat=args.remat_policy, scan_layers=args.scan_layers,
+                  accumulate_steps=args.accumulate_steps,
+                  parameter_partitioning_dims=args.parameter_partitioning_dims)
+
+  def report(row):
+    if not args.json:
+      print(plan_lib.format_row(row), flush=True)
+
+  if not args.json:
+    print(plan_lib.describe_settings(settings), flush=True)
+  target, rows = plan_lib.plan(
+      args.model, batch_size=args.batch_size, inputs_length=args.inputs_length,
+      targets_length=args.targets_length, prompt_length=args.prompt_length, method=args.method,
+      target=args.target, meshes=meshes, dtype=args.dtype, param_dtype=args.param_dtype,
+      remat_policy=args.remat_policy, scan_layers=args.scan_layers,
+      accumulate_steps=args.accumulate_steps, device_memory=args.device_memory,
+      parameter_partitioning_dims=args.parameter_partitioning_dims,
+      activation_partitioning_dims=args.activation_partitioning_dims,
+      logical_axis_rules=rules, steps=args.steps.split(','),
+      report=report, on_target=None if args.json else plan_lib.print_target)
+  result = dict(settings, target=target.name, devices=len(target.devices),
+                device_memory=target.device_memory, compiler=target.compiler,
+                rows=[r.to_dict() for r in rows])
+  if args.json:
+    print(json.dumps(result))
+  if args.out:
+    with open(args.out, 'x') as f:
+      json.dump(result, f, indent=1)
+    if not args.json:
+      print(f'written: {args.out}')
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   from jaxprompt.config import HELP
   parser = argparse.ArgumentParser(prog='jaxprompt', description=__doc__.split('\n')[0],
@@ -489,6 +592,8 @@ def build_parser() -> argparse.ArgumentParser:
   for name, command in sorted(commands().items()):
     command.add_arguments(sub.add_parser(name, help=command.help))
 
+  _add_plan_parser(sub)
+
   lab = sub.add_parser('lab', help="the lab: a small pretrained backbone and related tasks")
   lab_sub = lab.add_subparsers(dest='lab_command', required=True)
   b = lab_sub.add_parser('build', help='train (or reuse) the lab backbone')
@@ -553,6 +658,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _export_command(args)
     if args.command == 'lab':
       return _lab_command(args)
+    if args.command == 'plan':
+      return _plan_command(args)
     from jaxprompt.methods import commands
     return commands()[args.command].run(args)
   except Exception as e:  # one line for the user; --debug for the traceback

@@ -15,7 +15,7 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
              split: str = 'validation', mode: str = 'auto', batch_size: int = 32,
              feature_lengths: Mapping[str, int] | None = None, max_examples: int | None = None,
              config=None, prompt_position: str | None = None,
-             num_partitions: int = 1) -> dict[str, float]:
+             num_partitions: int = 1, run_config=None) -> dict[str, float]:
   """Task metrics (and teacher-forced loss) of `backbone` with `prompt` on `task`/`split`.
 
   Args:
@@ -27,6 +27,9 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
       one task) are an ensemble: each example runs with every prompt and they vote.
     feature_lengths: the task's own lengths when None (else inputs 512, targets 16).
     prompt_position: where the prompt enters; the prompt file's own by default.
+    num_partitions: the `model` mesh axis size.
+    run_config: a `RunConfig` whose mesh and axis-rule options (`model_parallel_submesh`,
+      `logical_axis_rules`, partitioning dims, `num_partitions`) place the backbone.
   """
   from jaxprompt.checkpoints.backbone import load_backbone
   from jaxprompt.config import FALLBACK_FEATURE_LENGTHS
@@ -34,7 +37,13 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
   from jaxprompt.methods import Context, get_method
   from jaxprompt.prompts.files import check_compatible, read_prompt
   check_task_name(task)
-  bb = load_backbone(backbone, config)
+  from jaxprompt.config import RunConfig as _RunConfig
+  from jaxprompt.train import partitioning as _partitioning
+  placement = run_config or _RunConfig(num_partitions=num_partitions)
+  mesh = _partitioning.mesh_from_config(placement)
+  rules = _partitioning.rules_from_config(placement)
+  bb = load_backbone(backbone, config,  # straight into the engine's shardings
+                     shardings=lambda c: engine_lib.backbone_shardings_for(c, mesh, rules))
   lengths = dict(feature_lengths or task_defaults(task).get('feature_lengths',
                                                             FALLBACK_FEATURE_LENGTHS))
   tasks = member_tasks(task)
@@ -77,10 +86,15 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
                          f' has no row for {", ".join(missing)}')
       method = _RowsOf(method, [trained_on.index(t) for t in tasks])
   position_index = prompt_lib.position_index(position or 'prefix')
+  from jaxprompt.config import RunConfig
+  from jaxprompt.train import partitioning
+  run_config = run_config or RunConfig(num_partitions=num_partitions)
   eng, state = engine_lib.build_engine(bb.module, method.eval_inputs, None,
-                                   {'backbone': bb.params, **extras}, trainable,
-                                   prompt_position=position_index, num_partitions=num_partitions,
-                                   trainable_is_backbone=method.trains_backbone)
+                                       {'backbone': bb.params, **extras}, trainable,
+                                       prompt_position=position_index,
+                                       mesh=partitioning.mesh_from_config(run_config),
+                                       rules=partitioning.rules_from_config(run_config),
+                                       trainable_is_backbone=method.trains_backbone)
   validation = evaluation.build_validation(eng, method, tasks, split, lengths, batch_size, mode,
                                            max_examples, position_index, steps.LossConfig())
   return validation(state.trainable)

@@ -135,7 +135,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
   loss = steps.LossConfig(config.z_loss, config.label_smoothing, config.loss_normalizing_factor)
   eng, state = engine_lib.build_engine(
       bb.module, method.model_inputs, tx, {'backbone': bb.params, **extras}, trainable,
-      loss=loss, prompt_position=position, num_partitions=config.num_partitions,
+      loss=loss, prompt_position=position, mesh=partitioning.mesh_from_config(config),
+      rules=partitioning.rules_from_config(config), accumulate_steps=config.accumulate_steps,
       trainable_is_backbone=method.trains_backbone)
   validation = None if config.eval_split is None else evaluation.build_validation(
       eng, method, ctx.tasks, config.eval_split, config.feature_lengths,

@@ -175,9 +175,11 @@ def test_nonfinite_loss_stops_and_keeps_the_last_good_state(tmp_path, backbone):
   del p0
 
 
-@pytest.mark.parametrize('cause', ['nan_in_backbone', 'overflowing_update'])
-def test_nonfinite_step_leaves_the_state_unchanged(backbone, cause):
-  """Fails if the guard in the step is removed: the bad update would be applied."""
+@pytest.mark.parametrize('cause,accumulate', [('nan_in_backbone', 1), ('overflowing_update', 1),
+                                              ('nan_in_backbone', 2)])
+def test_nonfinite_step_leaves_the_state_unchanged(backbone, cause, accumulate):
+  """Fails if the guard in the step is removed: the bad update would be applied (with gradient
+  accumulation too: a non-finite microbatch poisons the sum)."""
   module, params = backbone
   frozen, lr = params, 0.3
   if cause == 'nan_in_backbone':
@@ -187,7 +189,7 @@ def test_nonfinite_step_leaves_the_state_unchanged(backbone, cause):
   else:  # finite loss and gradients, but the update overflows float32
     lr = 1e39
   eng, state = build_engine(module, steps.prompt_inputs, t5x_adafactor(learning_rate=lr),
-                            {'backbone': frozen}, _prompt())
+                            {'backbone': frozen}, _prompt(), accumulate_steps=accumulate)
   before = np.array(get_prompt(state.trainable))
   opt_before = [np.array(x) for x in jax.tree_util.tree_leaves(state.opt_state)]
   state, metrics = eng.train_step(state, eng.frozen, eng.put_batch(make_batch(0)),
@@ -197,6 +199,81 @@ def test_nonfinite_step_leaves_the_state_unchanged(backbone, cause):
   np.testing.assert_array_equal(np.array(get_prompt(state.trainable)), before)
   for a, b in zip(opt_before, jax.tree_util.tree_leaves(state.opt_state)):
     np.testing.assert_array_equal(a, np.array(b))
+
+
+def _train(backbone, batches, accumulate, loss=steps.LossConfig(), dropout=False, rng=0):
+  module, params = backbone
+  eng, state = build_engine(module, steps.prompt_inputs, t5x_adafactor(), {'backbone': params},
+                            _prompt(), loss=loss, dropout=dropout, accumulate_steps=accumulate)
+  metrics = []
+  for batch in batches:
+    state, m = eng.train_step(state, eng.frozen, eng.put_batch(batch), jax.random.PRNGKey(rng))
+    metrics.append(jax.device_get(m))
+  return np.asarray(get_prompt(state.trainable)), metrics
+
+
+def test_accumulated_microbatches_give_the_update_of_the_whole_batch(backbone):
+  """4 microbatches of 2 = one batch of 8: the same Adafactor updates and summed metrics, with
+  T5X's loss normalisation (a constant factor divides every microbatch's summed loss) and
+  label smoothing; the reference is the unsplit step."""
+  loss = steps.LossConfig(z_loss=1e-4, label_smoothing=0.1, loss_normalizing_factor=4.0)
+  batches = [make_batch(i) for i in range(2)]
+  batches[1]['decoder_loss_weights'][:3, 1:] = 0  # unequal weights across microbatches
+  whole, whole_metrics = _train(backbone, batches, 1, loss)
+  split, split_metrics = _train(backbone, batches, 4, loss)
+  p0 = np.asarray(get_prompt(_prompt()))
+  assert np.abs(whole - p0).max() > 1e-3  # it trained
+  np.testing.assert_allclose(split, whole, rtol=1e-5, atol=1e-6)
+  for a, b in zip(split_metrics, whole_metrics):
+    for key in ('loss', 'z_loss', 'weight_sum', 'num_correct', 'accuracy', 'grad_norm'):
+      np.testing.assert_allclose(a[key], b[key], rtol=1e-5, err_msg=key)
+  with pytest.raises(ValueError, match='does not split into 3 microbatches'):
+    _train(backbone, batches[:1], 3)
+
+
+def test_microbatch_dropout_is_deterministic(backbone):
+  """Each microbatch draws its own dropout from (rng, step, microbatch): the same run twice is
+  bit-identical, and dropout is on (the update differs from the dropout-free one)."""
+  batches = [make_batch(0)]
+  a, _ = _train(backbone, batches, 2, dropout=True)
+  b, _ = _train(backbone, batches, 2, dropout=True)
+  off, _ = _train(backbone, batches, 2, dropout=False)
+  np.testing.assert_array_equal(a, b)
+  assert np.abs(a - off).max() > 1e-6
+
+
+def test_abstract_weights_lower_the_program_the_run_compiles(backbone):
+  """`build_engine` on `jax.ShapeDtypeStruct` weights allocates nothing and lowers exactly the
+  train and eval programs of the engine built on the real weights (prompt and model tuning)."""
+  from jaxprompt.model.network import param_shapes
+  from jaxprompt.train.engine import is_abstract
+  module, params = backbone
+  abstract_params = param_shapes(CFG)
+  batch = make_batch(0)
+  shapes = {k: (v.shape, v.dtype) for k, v in batch.items()}
+  rng = jax.random.PRNGKey(0)
+  for inputs, frozen, trainable, is_backbone in [
+      (steps.prompt_inputs, {'backbone': params}, _prompt(), False),
+      (steps.model_tuning_inputs, {}, params, True)]:
+    eng, state = build_engine(module, inputs, t5x_adafactor(), frozen, trainable,
+                              trainable_is_backbone=is_backbone)
+    live = {id(x) for x in jax.live_arrays()}
+    abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                                      (frozen, trainable))
+    if is_backbone:
+      assert jax.tree_util.tree_structure(abstract[1]) == jax.tree_util.tree_structure(
+          abstract_params)
+    a_eng, a_state = build_engine(module, inputs, t5x_adafactor(), *abstract,
+                                  trainable_is_backbone=is_backbone)
+    new = [x for x in jax.live_arrays() if id(x) not in live]
+    assert sum(x.size for x in new) < 16, [x.shape for x in new]  # no weight was allocated
+    assert is_abstract(a_state) and (is_abstract(a_eng.frozen) or not frozen)
+    assert all(x.sharding is not None for x in jax.tree_util.tree_leaves(a_state))
+    a_batch = a_eng.abstract_batch(shapes)
+    concrete = eng.lower_train(state, eng.put_batch(batch), rng).as_text()
+    assert a_eng.lower_train(a_state, a_batch).as_text() == concrete
+    assert (a_eng.lower_eval(a_state.trainable, a_batch).as_text() ==
+            eng.lower_eval(state.trainable, eng.put_batch(batch)).as_text())
 
 
 def test_run_directory_of_another_run_is_refused(tmp_path):

@@ -26,15 +26,53 @@ from jaxprompt.train.steps import (LossConfig, ModelInputs, TrainState, init_sta
 
 @dataclasses.dataclass
 class Engine:
-  """Jitted, sharded steps for one (module, mapping, optimizer) triple."""
+  """Jitted, sharded steps for one (module, mapping, optimizer) triple.
+
+  `train_jit` / `eval_jit` are the jitted programs themselves: `train_step` / `eval_step` call
+  them under the mesh and axis rules, `lower_train` / `lower_eval` lower them for abstract
+  arguments (`jax.ShapeDtypeStruct`s), so what `jaxprompt plan` compiles is what a run runs.
+  An engine built from abstract weights (`build_engine` with structs) can only be lowered.
+  """
 
   module: Transformer
   mesh: jax.sharding.Mesh
   rules: list
   frozen: Any
-  train_step: Callable
-  eval_step: Callable
   backbone_shardings: Any
+  train_jit: Any  # jax.jit of steps.make_train_step (None: an evaluation-only engine)
+  eval_jit: Any  # jax.jit of steps.make_eval_step
+  _compiled: list = dataclasses.field(default_factory=list, repr=False)
+
+  def train_step(self, state: TrainState, frozen, batch, rng):
+    with self.mesh, nn_partitioning.axis_rules(self.rules):
+      out = self.train_jit(state, frozen, batch, rng)
+    if not self._compiled:  # the compiler's scratch memory is free now; keep it out of the peak
+      self._compiled.append(True)
+      release_host_memory()
+    return out
+
+  def eval_step(self, trainable, frozen, batch):
+    with self.mesh, nn_partitioning.axis_rules(self.rules):
+      return self.eval_jit(trainable, frozen, batch)
+
+  def lower_train(self, state: TrainState, batch, rng=None) -> jax.stages.Lowered:
+    """The train step lowered for `state` and `batch` (arrays or structs; see `abstract_batch`)
+    with this engine's frozen tree; `rng` defaults to a PRNG key's struct."""
+    if rng is None:
+      rng = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    with self.mesh, nn_partitioning.axis_rules(self.rules):
+      return self.train_jit.lower(state, self.frozen, batch, rng)
+
+  def lower_eval(self, trainable, batch) -> jax.stages.Lowered:
+    """The evaluation (teacher-forced loss) step lowered for `trainable` and `batch`."""
+    with self.mesh, nn_partitioning.axis_rules(self.rules):
+      return self.eval_jit.lower(trainable, self.frozen, batch)
+
+  def abstract_batch(self, shapes: dict[str, tuple]) -> dict[str, jax.ShapeDtypeStruct]:
+    """`{name: (shape, dtype)}` of a global batch -> structs sharded as `put_batch` places it."""
+    sharding = partitioning.batch_sharding(self.mesh)
+    return {k: jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding)
+            for k, (shape, dtype) in shapes.items()}
 
   def put_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     """Host batch (this host's share) -> global arrays sharded on `data`."""
@@ -76,8 +114,35 @@ def backbone_shardings_for(t5_config, mesh: jax.sharding.Mesh, rules: list,
       shapes=param_shapes(t5_config, scan_layers))
 
 
-def _replicate(tree, mesh):
-  return jax.device_put(tree, partitioning.replicated(mesh))
+def is_abstract(tree) -> bool:
+  """True for a tree of `jax.ShapeDtypeStruct` (weights that are never allocated)."""
+  leaves = jax.tree_util.tree_leaves(tree)
+  return bool(leaves) and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+
+
+def place(tree, shardings):
+  """`tree` on `shardings` (one sharding or a matching tree): arrays are put on the devices,
+  structs get the shardings attached and stay unallocated."""
+  if not is_abstract(tree):
+    return jax.device_put(tree, shardings)
+  if isinstance(shardings, jax.sharding.Sharding):
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings), tree)
+  return jax.tree_util.tree_map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _initial_state(trainable, tx, mesh, rules) -> TrainState:
+  """The optimizer's initial state (jitted, so it lands where the compiler puts it); for a
+  struct trainable, its structs with the shardings that compiled program gives them."""
+  init = jax.jit(init_state, static_argnums=1)
+  with mesh, nn_partitioning.axis_rules(rules):
+    if is_abstract(trainable):
+      lowered = init.lower(trainable, tx)
+      state = place(lowered.out_info, lowered.compile().output_shardings)
+    else:
+      state = init(trainable, tx)
+  return state._replace(step=place(state.step, partitioning.replicated(mesh)))
 
 
 def build_engine(module: Transformer, model_inputs: ModelInputs,
@@ -85,9 +150,13 @@ def build_engine(module: Transformer, model_inputs: ModelInputs,
                  frozen: dict[str, Any], trainable: Any, *, loss: LossConfig = LossConfig(),
                  prompt_position: int = 0, num_partitions: int = 1,
                  trainable_is_backbone: bool = False, dropout: bool = True,
-                 rules: list | None = None, mesh: jax.sharding.Mesh | None = None
-                 ) -> tuple[Engine, TrainState]:
+                 rules: list | None = None, mesh: jax.sharding.Mesh | None = None,
+                 accumulate_steps: int = 1) -> tuple[Engine, TrainState]:
   """Places the frozen tree and the trainable on a mesh and jits the steps.
+
+  Weights may be arrays or `jax.ShapeDtypeStruct`s (the frozen tree and the trainable alike):
+  structs are never allocated, they only get their shardings, and the engine is then for
+  `lower_train` / `lower_eval` (`jaxprompt plan`); the steps are the same either way.
 
   Args:
     module: the T5.
@@ -102,6 +171,7 @@ def build_engine(module: Transformer, model_inputs: ModelInputs,
     dropout: train with dropout (the config's rate).
     rules: logical axis rules; T5X's standard rules by default.
     mesh: the device mesh; by default `num_partitions` devices on `model`, the rest on `data`.
+    accumulate_steps: microbatches per train step (gradient accumulation).
 
   Returns:
     (engine, initial train state).
@@ -109,34 +179,17 @@ def build_engine(module: Transformer, model_inputs: ModelInputs,
   mesh = mesh or partitioning.make_mesh(num_partitions)
   rules = rules or partitioning.standard_logical_axis_rules()
   backbone_shardings = backbone_shardings_for(module.config, mesh, rules, module.scan_layers)
-  placed = {k: (jax.device_put(v, backbone_shardings) if k == 'backbone' else _replicate(v, mesh))
+  replicated = partitioning.replicated(mesh)
+  placed = {k: place(v, backbone_shardings if k == 'backbone' else replicated)
             for k, v in frozen.items()}
-  trainable = (jax.device_put(trainable, backbone_shardings) if trainable_is_backbone
-               else _replicate(trainable, mesh))
+  trainable = place(trainable, backbone_shardings if trainable_is_backbone else replicated)
   if tx is None:
-    state = TrainState(_replicate(np.zeros((), np.int32), mesh), trainable, None)
+    state = TrainState(place(np.zeros((), np.int32), replicated), trainable, None)
     train_jit = None
   else:
-    with mesh, nn_partitioning.axis_rules(rules):
-      state = jax.jit(init_state, static_argnums=1)(trainable, tx)
-    state = state._replace(step=_replicate(state.step, mesh))
-    train_jit = jax.jit(make_train_step(module, model_inputs, tx, loss, prompt_position, dropout),
-                        donate_argnums=(0,))
-  eval_jit = jax.jit(make_eval_step(module, model_inputs, loss, prompt_position))
-
-  compiled = []
-
-  def train_step(state, frozen, batch, rng):
-    with mesh, nn_partitioning.axis_rules(rules):
-      out = train_jit(state, frozen, batch, rng)
-    if not compiled:  # the compiler's scratch memory is free now; keep it out of the loop's peak
-      compiled.append(True)
-      release_host_memory()
-    return out
-
-  def eval_step(trainable, frozen, batch):
-    with mesh, nn_partitioning.axis_rules(rules):
-      return eval_jit(trainable, frozen, batch)
-
-  engine = Engine(module, mesh, rules, placed, train_step, eval_step, backbone_shardings)
-  return engine, state
+    state = _initial_state(trainable, tx, mesh, rules)
+    train_jit = jax.jit(make_train_step(module, model_inputs, tx, loss, prompt_position, dropout,
+                                        accumulate_steps), donate_argnums=(0,))
+  eval_jit = jax.jit(make_eval_step(module, model_inputs, loss, prompt_position),
+                     out_shardings=replicated)
+  return Engine(module, mesh, rules, placed, backbone_shardings, train_jit, eval_jit), state

@@ -126,18 +126,109 @@ def make_mesh(num_partitions: int = 1, devices: Sequence[Any] | None = None
   return Mesh(grid, MESH_AXES)
 
 
-def mesh_from_config(config) -> Mesh:
-  """The run's `('data', 'model')` mesh from its options (`RunConfig.num_partitions`, ...)."""
-  return make_mesh(config.num_partitions)
+def submesh_mesh(submesh: Sequence[int], devices: Sequence[Any]) -> Mesh:
+  """T5X's `model_parallel_submesh` on TPU: the `model` axis is an (x, y, z, core) block of the
+  physical (X, Y, Z, cores) device grid, and `data` runs over the blocks that tile it.
+
+  Args:
+    submesh: (x, y, z, core) chips along each torus axis and cores per chip of one block.
+    devices: TPU devices (with `coords` and `core_on_chip`).
+  """
+  coords = np.array([tuple(d.coords) + (d.core_on_chip,) for d in devices])
+  physical = tuple(int(c) for c in coords.max(axis=0) + 1)
+  if len(submesh) != 4 or any(p % s for p, s in zip(physical, submesh)):
+    raise ValueError(f'model_parallel_submesh {tuple(submesh)} does not tile the devices\' '
+                     f'(x, y, z, core) grid {physical}; give 4 sizes that divide it')
+  grid = np.empty(physical, dtype=object)
+  for device, c in zip(devices, coords):
+    grid[tuple(c)] = device
+  # (X, Y, Z, C) -> (X/x, x, Y/y, y, ...) -> blocks first, then the position in a block.
+  split = grid.reshape([n for p, s in zip(physical, submesh) for n in (p // s, s)])
+  blocks = split.transpose(0, 2, 4, 6, 1, 3, 5, 7)
+  model = int(np.prod(submesh))
+  return Mesh(blocks.reshape(-1, model), MESH_AXES)
+
+
+def mesh_from_config(config, devices: Sequence[Any] | None = None) -> Mesh:
+  """The run's `('data', 'model')` mesh from its options.
+
+  `model_parallel_submesh=(x, y, z, core)` (T5X's) on TPU devices takes that block of the
+  physical grid as the `model` axis (`submesh_mesh`); on other devices, which have no torus,
+  it means `num_partitions = x * y * z * core` devices on `model` in device order. Otherwise
+  `num_partitions` devices on `model`, the rest on `data` (`make_mesh`).
+  """
+  from jaxprompt.config import ConfigError, option_names
+  devices = list(jax.devices() if devices is None else devices)
+  submesh = config.model_parallel_submesh
+  if submesh is None:
+    try:
+      return make_mesh(config.num_partitions, devices)
+    except ValueError:
+      raise ConfigError(f'{option_names("num_partitions")}: {config.num_partitions} does not '
+                        f'divide the {len(devices)} devices; choose a divisor') from None
+  where = option_names('model_parallel_submesh')
+  if (len(submesh) != 4 or not all(isinstance(n, int) and n > 0 for n in submesh)):
+    raise ConfigError(f'{where}: give 4 positive sizes (x, y, z, core), got {submesh!r}')
+  size = int(np.prod(submesh))
+  if config.num_partitions not in (1, size):
+    raise ConfigError(f'{where} {tuple(submesh)} makes {size} model partitions but '
+                      f'num_partitions is {config.num_partitions}; give one of the two')
+  if all(hasattr(d, 'coords') and hasattr(d, 'core_on_chip') for d in devices):
+    try:
+      return submesh_mesh(submesh, devices)
+    except ValueError as e:
+      raise ConfigError(f'{where}: {e}') from None
+  try:
+    return make_mesh(size, devices)
+  except ValueError:
+    raise ConfigError(f'{where} {tuple(submesh)}: {size} model partitions do not divide the '
+                      f'{len(devices)} devices') from None
 
 
 def rules_from_config(config) -> list[tuple[str, str | None]]:
-  """The run's logical axis rules: `RunConfig.logical_axis_rules` when given, else T5X's
-  standard rules with the config's partitioning dims."""
-  if config.logical_axis_rules:
-    return [tuple(r) for r in config.logical_axis_rules]
-  return standard_logical_axis_rules(config.activation_partitioning_dims,
-                                     config.parameter_partitioning_dims)
+  """The run's logical axis rules: `RunConfig.logical_axis_rules` when given (pairs of a
+  logical axis and a mesh axis or None; the prompt's axes are replicated unless named),
+  else T5X's standard rules with the config's partitioning dims."""
+  if not config.logical_axis_rules:
+    return standard_logical_axis_rules(config.activation_partitioning_dims,
+                                       config.parameter_partitioning_dims)
+  from jaxprompt.config import ConfigError, option_names
+  rules = []
+  for rule in config.logical_axis_rules:
+    if (not isinstance(rule, (tuple, list)) or len(rule) != 2 or not isinstance(rule[0], str)
+        or rule[1] not in MESH_AXES + (None,)):
+      raise ConfigError(f'{option_names("logical_axis_rules")}: {rule!r} is not a pair '
+                        f"(logical axis, 'data' | 'model' | None)")
+    rules.append((rule[0], rule[1]))
+  return rules
+
+
+def pjit_partitioner(num_partitions: int | None = None,
+                     model_parallel_submesh: Sequence[int] | None = None,
+                     logical_axis_rules: LogicalAxisRules | None = None,
+                     **t5x_only: Any) -> dict[str, Any]:
+  """T5X's `partitioning.PjitPartitioner` as gin binds it (`cli.gin_tune` registers it under
+  that name): the mesh and rule options it was given, as `RunConfig` fields. Its other
+  arguments (`params_on_devices`, `backend`, ...) are accepted and have no effect here."""
+  del t5x_only
+  given = dict(num_partitions=num_partitions, model_parallel_submesh=model_parallel_submesh,
+               logical_axis_rules=logical_axis_rules)
+  return {k: (tuple(v) if isinstance(v, list) else v) for k, v in given.items() if v is not None}
+
+
+def t5x_gin_options() -> dict[str, Any]:
+  """`RunConfig` options from T5X's gin spelling of the mesh and rules, bound in the parsed gin
+  config: `partitioning.PjitPartitioner.{num_partitions, model_parallel_submesh,
+  logical_axis_rules}` and `partitioning.standard_logical_axis_rules.{activation,parameter}_
+  partitioning_dims`."""
+  import gin
+  options = gin.get_configurable('partitioning.PjitPartitioner')()
+  for dims in ('activation_partitioning_dims', 'parameter_partitioning_dims'):
+    try:
+      options[dims] = gin.query_parameter(f'partitioning.standard_logical_axis_rules.{dims}')
+    except ValueError:  # not bound
+      pass
+  return options
 
 
 def _is_axes_leaf(x: Any) -> bool:

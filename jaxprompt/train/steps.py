@@ -75,10 +75,30 @@ def _all_finite(tree) -> jax.Array:
   return jnp.all(jnp.array([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
+def split_microbatches(batch: Batch, count: int) -> Batch:
+  """[B, ...] leaves -> [count, B / count, ...]; microbatch i holds rows i, i + count, ...
+
+  Strided rather than contiguous: each data-parallel shard holds a contiguous block of rows,
+  so every microbatch takes an equal share of every shard and no rows move between devices.
+  """
+  def split(x):
+    if x.shape[0] % count:
+      raise ValueError(f'a batch of {x.shape[0]} rows does not split into {count} microbatches '
+                       '(accumulate_steps); choose a batch_size that is a multiple of it')
+    return jnp.swapaxes(x.reshape((x.shape[0] // count, count) + x.shape[1:]), 0, 1)
+  return jax.tree_util.tree_map(split, batch)
+
+
 def make_train_step(module: Transformer, model_inputs: ModelInputs,
                     tx: optax.GradientTransformation, loss: LossConfig = LossConfig(),
-                    prompt_position: int = 0, dropout: bool = True):
+                    prompt_position: int = 0, dropout: bool = True, accumulate_steps: int = 1):
   """Returns `train_step(state, frozen, batch, rng) -> (state, metrics)` (pure; jit it).
+
+  With `accumulate_steps=N` (T5X's `num_microbatches`) the batch runs as N microbatches in a
+  `lax.scan`, summing gradients and (summed) metrics: the loss is a sum over tokens (divided by
+  a constant `loss_normalizing_factor` if set), so the update equals one pass over the whole
+  batch while only a microbatch's activations are alive. Microbatch i draws its dropout from
+  `fold_in(step_rng, i)`.
 
   A non-finite loss, gradient or updated trainable leaves the state unchanged (step included)
   and sets `metrics['nonfinite']`, so the caller can stop with the last good state.
@@ -92,11 +112,32 @@ def make_train_step(module: Transformer, model_inputs: ModelInputs,
                             label_smoothing=loss.label_smoothing,
                             loss_normalizing_factor=loss.loss_normalizing_factor)
 
+  grad_fn = jax.grad(loss_fn, has_aux=True)
+
+  def grads_and_metrics(trainable, frozen, batch, rng):
+    if accumulate_steps == 1:
+      return grad_fn(trainable, frozen, batch, rng)
+
+    def microbatch(sums, inputs):
+      index, micro = inputs
+      out = grad_fn(trainable, frozen, micro, jax.random.fold_in(rng, index))
+      return jax.tree_util.tree_map(jnp.add, sums, out), None
+
+    micro = split_microbatches(batch, accumulate_steps)
+    first = jax.tree_util.tree_map(lambda x: x[0], micro)
+    zeros = jax.tree_util.tree_map(
+        lambda s: jnp.zeros(s.shape, s.dtype),
+        jax.eval_shape(grad_fn, trainable, frozen, first, rng))
+    (grads, metrics), _ = jax.lax.scan(microbatch, zeros,
+                                       (jnp.arange(accumulate_steps), micro))
+    # Every metric is a sum but the ratio.
+    metrics['accuracy'] = metrics['num_correct'] / jnp.maximum(metrics['weight_sum'], 1e-9)
+    return grads, metrics
+
   def train_step(state: TrainState, frozen, batch: Batch, rng: jax.Array):
     step_rng = jax.random.fold_in(rng, state.step)
-    (value, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.trainable, frozen, batch, step_rng)
-    finite = jnp.isfinite(value) & _all_finite(grads)
+    grads, metrics = grads_and_metrics(state.trainable, frozen, batch, step_rng)
+    finite = jnp.isfinite(metrics['loss']) & _all_finite(grads)
 
     def apply(state):
       updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
