@@ -98,7 +98,12 @@ def make_context(method: Method, task: str, backbone, config: RunConfig, options
   check_task_name(task)
   initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
   from jaxprompt.checkpoints.backbone import load_backbone as load
-  bb = load(backbone, t5_config, dropout_rate=config.dropout_rate)
+  # Read straight into the engine's shardings (this process's slices only); the engine's
+  # placement of these arrays is then a no-op. A trained backbone stays float32.
+  mesh, rules = partitioning.mesh_from_config(config), partitioning.rules_from_config(config)
+  bb = load(backbone, t5_config, dropout_rate=config.dropout_rate,
+            shardings=lambda c: engine_lib.backbone_shardings_for(c, mesh, rules),
+            dtype='float32' if method.trains_backbone else config.param_dtype)
   config = resolve_config(config, task)
   tasks = member_tasks(task)
   first = seqio.get_mixture_or_task(tasks[0])

@@ -280,7 +280,7 @@ def read_hf_shapes(directory: str) -> tuple[dict[Path, tuple[tuple[int, ...], st
 def leaves(directory: str) -> tuple[dict[Path, Leaf], T5Config]:
   """The T5X tree of a Hugging Face T5 directory, leaf by leaf (see `leaves.Leaf`), and its
   config. Each leaf reads `safe_open` slices of its tensor (the transposed box of a transposed
-  tensor); the file's memory map is dropped when the leaf is done.
+  tensor), mapping the file for one box at a time.
 
   Tying: `scale_decoder_outputs` (transformers 5) or else `tie_word_embeddings` (default true)
   says whether the decoder output is scaled by d**-0.5. Scaled with no `lm_head.weight`, or
@@ -304,20 +304,18 @@ def _leaf(headers: Mapping[str, Any], name: str, transposed: bool,
           scale: float | None = None) -> Leaf:
   file, shape, dtype = headers[name]
 
-  @contextlib.contextmanager
-  def open_leaf():
+  def read(index):
+    # The file is mapped for one box only: its pages leave the process with the map.
     from safetensors import safe_open  # pylint: disable=g-import-not-at-top
     with safe_open(file, framework='numpy') as f:
       tensor = f.get_slice(name)
+      arr = tensor[tuple(index)[::-1]].T if transposed else tensor[tuple(index)]
+      del tensor
+    return arr if scale is None else arr.astype(np.float32) * np.float32(scale)
 
-      def read(index):
-        arr = tensor[tuple(index)[::-1]].T if transposed else tensor[tuple(index)]
-        return arr if scale is None else arr.astype(np.float32) * np.float32(scale)
-
-      try:
-        yield read
-      finally:
-        del tensor  # the memory map lives as long as the slice: drop it with the leaf
+  @contextlib.contextmanager
+  def open_leaf():
+    yield read
 
   return Leaf(tuple(shape[::-1]) if transposed else tuple(shape), dtype, open_leaf)
 

@@ -6,7 +6,7 @@ that yields `read(index)` for one box of the leaf (a tuple of slices in the T5X 
 that stores the leaf transposed reads the transposed box). `place` puts one leaf at a time on
 the devices of its sharding, reading only the boxes this process's devices hold (each distinct
 box once) and casting each to the target dtype, so the host never holds a second copy of the
-checkpoint: at most one leaf's boxes are in flight.
+checkpoint: one box is in flight at a time.
 
 The fingerprint sample (up to 4096 evenly spaced values per leaf, see `backbone.fingerprint`)
 is taken from the boxes as they are read, before the cast: it names the checkpoint's weights
@@ -139,30 +139,33 @@ def numpy_dtype(dtype) -> np.dtype:
 def place_leaf(leaf: Leaf, sharding, dtype, sample: LeafSample | None = None):
   """The leaf as a jax.Array on `sharding` (None: the default device), cast to `dtype`.
 
-  Only the boxes this process's devices hold are read, each distinct box once (a replicated
-  leaf is read once and copied to each device); the copies are finished before returning,
-  so the host buffers of one leaf are gone before the next is read.
+  Device by device, only the boxes this process's devices hold are read, each distinct box
+  once (a box another device holds too is copied from that device); each host box is gone
+  once its device has it, so the host holds one box at a time.
   """
   import jax  # pylint: disable=g-import-not-at-top
   if sharding is None:
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = numpy_dtype(dtype)
+  shape = tuple(leaf.shape)
+  placed: dict[Any, Any] = {}
+  shards = []
   with leaf.open() as read:
-    boxes: dict[Any, np.ndarray] = {}
-
-    def piece(index):
-      key = _box(index, leaf.shape)
-      if key not in boxes:
-        raw = np.asarray(read(full_index(leaf.shape) if index is None else index))
-        if sample is not None:
-          sample.add(index or (), lambda local: raw[local])
-        boxes[key] = raw.astype(target, copy=False)
-      return boxes[key]
-
-    array = jax.make_array_from_callback(tuple(leaf.shape), sharding, piece)
-    array.block_until_ready()
-    boxes.clear()
-  return array
+    for device, index in sharding.addressable_devices_indices_map(shape).items():
+      index = full_index(shape) if index is None else tuple(index)
+      key = _box(index, shape)
+      if key in placed:
+        shards.append(jax.device_put(placed[key], device))
+        continue
+      raw = np.asarray(read(index))
+      if sample is not None:
+        sample.add(index, lambda local: raw[local])
+      shard = jax.device_put(raw.astype(target, copy=False), device)
+      shard.block_until_ready()
+      del raw
+      placed[key] = shard
+      shards.append(shard)
+  return jax.make_array_from_single_device_arrays(shape, sharding, shards)
 
 
 def place(leaves: Mapping[Path, Leaf], shardings: Mapping[Path, Any] | None, dtype,
