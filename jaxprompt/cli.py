@@ -386,13 +386,15 @@ def _export_command(args) -> int:
 
 
 def _lab_command(args) -> int:
-  from jaxprompt.lab import backbone, report
+  from jaxprompt.lab import backbone
+  if args.lab_command == 'path':  # answers from the cache's name: no TensorFlow, no seqio
+    print(backbone.build(preset=args.preset))
+    return 0
+  from jaxprompt.lab import report
   if args.lab_command == 'build':
     path = backbone.build(steps=args.steps, force=args.force, seed=args.seed,
                           preset=backbone.with_width(args.preset, args.width))
     print(f'lab backbone: {path}')
-  elif args.lab_command == 'path':
-    print(backbone.build(preset=args.preset))
   elif args.what == 'targets':
     tasks = args.tasks.split(',') if args.tasks else report.DEFAULT_TASKS
     report.main(out=args.out, steps=args.steps, tasks=tasks, overwrite=args.overwrite,
@@ -642,7 +644,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   rest, files, bindings = _split_gin_args(argv)
   parser = build_parser()
   args = parser.parse_args(rest)
-  if args.command not in ('info', 'export'):  # these read data through seqio (TensorFlow)
+  light = args.command in ('info', 'export', 'plan') or (
+      args.command == 'lab' and args.lab_command == 'path')
+  if not light:  # the others read data through seqio (TensorFlow)
     host.import_quietly('tensorflow')
     quiet_libraries()
   if (files or bindings) and args.command != 'tune':

@@ -4,6 +4,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -189,3 +190,24 @@ def test_a_model_gin_file_binds_the_backbone_config(tmp_path, capsys):
                    '--task', 'lab_has_dog', '--backbone', str(tmp_path / 'ckpt')])
   err = _err(capsys)
   assert code == 2 and 'no such file or directory' in err and 'ckpt' in err, err
+
+
+def test_lab_path_answers_without_loading_tensorflow(tmp_path):
+  """`jaxprompt lab path` prints a cached backbone's path from the cache's name alone (it took
+  12 s and 950 MB when it loaded TensorFlow and seqio to print a path)."""
+  code = textwrap.dedent(f'''
+      import os, sys
+      os.environ['JAXPROMPT_CACHE'] = {str(tmp_path)!r}
+      from jaxprompt.lab import backbone
+      out = backbone.backbone_dir()
+      os.makedirs(out)
+      open(os.path.join(out, 'manifest.json'), 'w').write('{{}}')
+      from jaxprompt import cli
+      assert cli.main(['lab', 'path']) == 0
+      heavy = sorted(m for m in ('tensorflow', 'seqio', 'orbax') if m in sys.modules)
+      print('HEAVY', heavy)
+  ''')
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-2000:]
+  assert 'HEAVY []' in done.stdout, done.stdout
+  assert str(tmp_path) in done.stdout

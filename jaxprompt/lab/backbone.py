@@ -16,11 +16,12 @@ import sys
 import tempfile
 import time
 
-import jax
-import numpy as np
-import optax
+from typing import TYPE_CHECKING
 
-from jaxprompt.model import T5Config, Transformer, init_params
+if TYPE_CHECKING:  # JAX, optax and the model load when a backbone is built, not for its path
+  import optax
+
+  from jaxprompt.model import T5Config
 
 BUILD_STEPS = 1200
 BATCH_SIZE = 64
@@ -89,9 +90,10 @@ def with_width(preset: str | dict | None, width: int | None) -> str | dict | Non
               name=f'{cfg["name"]}_w{width}')
 
 
-def lab_config(vocab_size: int, preset: str | dict | None = None) -> T5Config:
+def lab_config(vocab_size: int, preset: str | dict | None = None) -> 'T5Config':
   """The T5.1.1 config of a preset; 'demo': ~1.2M parameters, d 128, 4 heads of 32, mlp 256,
   3 + 3 layers, gated-gelu, untied."""
+  from jaxprompt.model import T5Config
   p = preset_config(preset)
   padded = -(-vocab_size // 8) * 8
   return T5Config(vocab_size=padded, emb_dim=p['emb_dim'], num_heads=p['num_heads'],
@@ -101,13 +103,13 @@ def lab_config(vocab_size: int, preset: str | dict | None = None) -> T5Config:
 
 
 def _cache_dir(cache_dir: str | None) -> str:
-  from jaxprompt.lab.tasks import default_cache_dir
+  from jaxprompt.lab.cache import default_cache_dir
   return cache_dir or default_cache_dir()
 
 
 def _digest_key(p: dict, seed: int) -> dict:
   """What the cache digest covers. The 'demo' preset keeps the key it had before presets."""
-  from jaxprompt.lab.tasks import vocabulary_digest
+  from jaxprompt.lab.cache import vocabulary_digest
   from jaxprompt import __version__
   key = dict(steps=p['steps'], seed=seed, batch=p['batch_size'], lr=p['learning_rate'],
              opt='adamw', vocab=vocabulary_digest(), version=__version__)
@@ -132,7 +134,7 @@ def checkpoint_path(directory: str, steps: int) -> str:
   return os.path.join(directory, f'checkpoint_{steps}')
 
 
-def _optimizer(schedule, relpos_lr_scale: float, params) -> optax.GradientTransformation:
+def _optimizer(schedule, relpos_lr_scale: float, params) -> 'optax.GradientTransformation':
   """AdamW on the schedule; the relative-position bias tables at `relpos_lr_scale` times it.
 
   Those tables are scalars (one per head and distance bucket) that must grow to several units
@@ -140,6 +142,8 @@ def _optimizer(schedule, relpos_lr_scale: float, params) -> optax.GradientTransf
   moves a parameter by about the learning rate per step: at 3e-3 and ~1,000 steps they can move
   by ~2 at most.
   """
+  import jax
+  import optax
   base = optax.adamw(schedule, weight_decay=0.0)
   if relpos_lr_scale == 1.0:
     return base
@@ -161,10 +165,6 @@ def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
     progress: show a progress bar.
     preset: a name of `PRESETS` ('demo' by default) or a dict of settings overriding 'demo'.
   """
-  from jaxprompt.checkpoints import save_t5x_orbax
-  from jaxprompt.lab.tasks import (SEQUENCE_LENGTH, lab_vocabulary_path, register_lab_tasks,
-                                   register_sources_mixture)
-  from jaxprompt.tuning import tune
   p = preset_config(preset, steps)
   steps = p['steps']
   out = backbone_dir(steps, seed, cache_dir, p)
@@ -173,6 +173,15 @@ def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
     if progress:
       print(f'lab: using the cached lab backbone ({ckpt})', file=sys.stderr)
     return ckpt
+  import jax
+  import numpy as np
+  import optax
+
+  from jaxprompt.checkpoints import save_t5x_orbax
+  from jaxprompt.lab.tasks import (SEQUENCE_LENGTH, lab_vocabulary_path, register_lab_tasks,
+                                   register_sources_mixture)
+  from jaxprompt.model import Transformer, init_params
+  from jaxprompt.tuning import tune
   vocab = register_lab_tasks(cache_dir=cache_dir, seed=seed)
   mixture = register_sources_mixture(p['rates'])
   cfg = lab_config(vocab.vocab_size, p)

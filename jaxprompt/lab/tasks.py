@@ -35,8 +35,10 @@ import tensorflow as tf
 from jaxprompt.data import metrics
 from jaxprompt.data import tasks as data_tasks
 from jaxprompt.lab import world
+from jaxprompt.lab.cache import (  # noqa: F401 - re-exported
+    EOS_ID, PAD_ID, UNK_ID, _trainer_args, default_cache_dir, vocabulary_digest,
+    vocabulary_tokens)
 
-PAD_ID, EOS_ID, UNK_ID = 0, 1, 2
 EXTRA_IDS = 0
 DEFAULT_SIZES: Dict[str, int] = {'train': 10000, 'validation': 200, 'test': 200}
 # Longest tokenized example of any lab task, EOS included (inputs: prefix + 8 words + EOS).
@@ -80,39 +82,10 @@ def task_prefix(name: str) -> str:
 # Vocabulary.
 
 
-def vocabulary_tokens() -> List[str]:
-  """The lab vocabulary's words in id order (ids 3, 4, ...): items, function words, prefixes."""
-  tokens = list(dict.fromkeys(world.WORDS))
-  tokens += [world.TASKS[t].prefix.strip() for t in world.TASKS]
-  return tokens
-
-
 def _corpus(tokens: Sequence[str]) -> List[str]:
   # A word model numbers pieces by frequency: token i occurs len - i times, so ids keep our order.
   n = len(tokens)
   return [' '.join([t] * (n - i)) for i, t in enumerate(tokens)]
-
-
-def _trainer_args(tokens: Sequence[str]) -> Dict[str, object]:
-  return dict(
-      vocab_size=len(tokens) + 3, model_type='word', character_coverage=1.0,
-      hard_vocab_limit=False, pad_id=PAD_ID, eos_id=EOS_ID, unk_id=UNK_ID, bos_id=-1,
-      shuffle_input_sentence=False, num_threads=1,
-      minloglevel=2)
-
-
-def default_cache_dir() -> str:
-  """`$JAXPROMPT_CACHE/lab`, or `~/.cache/jaxprompt/lab` when the variable is unset."""
-  root = os.environ.get('JAXPROMPT_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'jaxprompt')
-  return os.path.join(root, 'lab')
-
-
-def vocabulary_digest() -> str:
-  """A digest of the vocabulary's corpus and trainer settings (part of the cached file name)."""
-  tokens = vocabulary_tokens()
-  text = '\n'.join(tokens) + repr(sorted(_trainer_args(tokens).items()))
-  return hashlib.blake2b(text.encode('utf-8'), digest_size=6).hexdigest()
 
 
 def train_lab_vocabulary(model_path: str) -> str:
