@@ -467,25 +467,35 @@ def read_matrix_csv(path: str) -> tuple[np.ndarray, list[str], list[str]]:
 
 
 def heatmap(path: str, matrix, rows: Sequence[str], cols: Sequence[str], title: str,
-            fmt: str = '{:.2f}') -> str:
+            fmt: str = '{:.2f}', value_label: str = '') -> str:
+  """A readable heatmap PNG: at least 6.4 x 4.8 in at 110 dpi whatever the matrix size, the
+  title wrapped rather than clipped, both axes and the colour bar labelled."""
+  import textwrap
+
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
   m = np.asarray(matrix, np.float64)
-  fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(cols), 1.0 + 0.45 * len(rows)))
+  fig, ax = plt.subplots(figsize=(max(6.4, 2.5 + 0.55 * len(cols)),
+                                  max(4.8, 2.0 + 0.45 * len(rows))))
   im = ax.imshow(m, cmap='viridis', aspect='auto')
   short = lambda n: n[4:] if n.startswith('lab_') else n  # noqa: E731
-  ax.set_xticks(range(len(cols)), [short(c) for c in cols], rotation=60, ha='right', fontsize=7)
-  ax.set_yticks(range(len(rows)), [short(r) for r in rows], fontsize=7)
+  ax.set_xticks(range(len(cols)), [short(c) for c in cols], rotation=60, ha='right', fontsize=8)
+  ax.set_yticks(range(len(rows)), [short(r) for r in rows], fontsize=8)
   ax.set_xlabel('target task')
   ax.set_ylabel('source prompt')
   if m.size <= 400:
+    low, high = im.get_clim()
     for i in range(m.shape[0]):
       for j in range(m.shape[1]):
-        if np.isfinite(m[i, j]):
-          ax.text(j, i, fmt.format(m[i, j]), ha='center', va='center', fontsize=5, color='w')
-  fig.colorbar(im, ax=ax)
-  ax.set_title(title, fontsize=9)
+        if np.isfinite(m[i, j]):  # dark text on the bright end of viridis, white elsewhere
+          bright = (m[i, j] - low) / max(high - low, 1e-12) > 0.6
+          ax.text(j, i, fmt.format(m[i, j]), ha='center', va='center', fontsize=7,
+                  color='k' if bright else 'w')
+  bar = fig.colorbar(im, ax=ax)
+  if value_label:
+    bar.set_label(value_label)
+  ax.set_title('\n'.join(textwrap.wrap(title, 60)), fontsize=10)
   fig.tight_layout()
   tmp = path + '.tmp.png'
   fig.savefig(tmp, dpi=110)
@@ -509,7 +519,8 @@ def write_transfer_matrix(tm: TransferMatrix, out: str, overwrite: bool = False
   paths = {'relative': write_matrix_csv(out + '.csv', tm.relative, tm.sources, tm.targets),
            'scores': write_matrix_csv(out + '_scores.csv', tm.scores, tm.sources, tm.targets)}
   paths['heatmap'] = heatmap(out + '.png', tm.relative, tm.sources, tm.targets,
-                             'zero-shot transfer: score / target\'s own prompt score')
+                             'zero-shot transfer: score / target\'s own prompt score',
+                             value_label='relative score (1 = the target\'s own prompt)')
   with open(out + '.json', 'w') as f:
     json.dump({'sources': tm.sources, 'targets': tm.targets, 'scores': tm.scores.tolist(),
                'relative': tm.relative.tolist(), 'own': tm.own,

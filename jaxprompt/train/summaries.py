@@ -64,6 +64,18 @@ def read_metrics(model_dir: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in f if line.strip()]
 
 
+def plot_title(model_dir: str, shown: str | None) -> str:
+  """'prompt_tuning on lab_has_dog: train loss and validation accuracy (%)', from the run's
+  manifest (the run directory's name when it has none)."""
+  try:
+    with open(os.path.join(model_dir, 'manifest.json')) as f:
+      manifest = json.load(f)
+    what = f"{manifest.get('method', 'run')} on {manifest['task']}"
+  except (OSError, ValueError, KeyError):
+    what = os.path.basename(os.path.abspath(model_dir))
+  return f'{what}: train loss' + (f' and {shown}' if shown else '')
+
+
 def plot_run(model_dir: str, metric: str | None = None, path: str | None = None) -> str | None:
   """Training loss (per target token) and the validation metric against steps, as a PNG."""
   rows = read_metrics(model_dir)
@@ -78,16 +90,18 @@ def plot_run(model_dir: str, metric: str | None = None, path: str | None = None)
   if train:
     ax.plot([r['step'] for r in train], [r['loss_per_token'] for r in train], color='tab:blue',
             label='train loss / token')
-  ax.set_xlabel('step')
-  ax.set_ylabel('train loss per target token', color='tab:blue')
+  ax.set_xlabel('training step')
+  ax.set_ylabel('train loss per target token (nats)', color='tab:blue')
   metric = metric or next((k for k in ('accuracy', 'loss_per_token') if evals and k in evals[0]),
                           None)
+  shown = None
   if evals and metric and metric in evals[-1]:
     ax2 = ax.twinx()
     pts = [(r['step'], r[metric]) for r in evals if metric in r]
-    ax2.plot(*zip(*pts), 'o-', color='tab:orange', label=f'validation {metric}')
-    ax2.set_ylabel(f'validation {metric}', color='tab:orange')
-  ax.set_title(os.path.basename(os.path.abspath(model_dir)))
+    shown = f'validation {metric}' + ('' if 'loss' in metric else ' (%)')
+    ax2.plot(*zip(*pts), 'o-', color='tab:orange', label=shown)
+    ax2.set_ylabel(shown, color='tab:orange')
+  ax.set_title(plot_title(model_dir, shown), fontsize=10)
   fig.tight_layout()
   path = path or os.path.join(model_dir, 'training.png')
   fig.savefig(path, dpi=100)
