@@ -9,7 +9,8 @@ weight decay 1e-5, dropout 0.1: a rewinding run's step). The importance pass is 
 on the same batch (masks at 1, dropout off, the result fetched to the host), per example (the
 default, one backward pass with one mask copy per example) and per batch. Random weights (timing
 does not depend on their values). The three are interleaved, each call synchronised, so a change
-in machine load hits all alike; the median of --repeats is reported. --json FILE writes all times.
+in machine load hits all alike; the median of --repeats is reported, and the median of each
+repeat's own ratio (paired). --json FILE writes all times.
 """
 
 from __future__ import annotations
@@ -93,6 +94,9 @@ def measure(args) -> dict:
           'inputs': args.inputs, 'targets': args.targets, 'prompt': [PROMPT_LENGTH, PIECES],
           'repeats': args.repeats, 'median_s': median,
           'ratio_to_train_step': {n: median[n] / step for n in median if n != 'train_step'},
+          # the median of each repeat's own ratio: steadier when the machine's load drifts
+          'paired_ratio': {n: float(np.median(np.array(t) / np.array(times['train_step'])))
+                           for n, t in times.items() if n != 'train_step'},
           'times_s': times, 'machine': platform.processor() or platform.machine(),
           'cpus': os.cpu_count(), 'load_average': os.getloadavg()}
 
@@ -110,7 +114,8 @@ def main(argv=None) -> int:
   out = measure(args)
   for name, t in out['median_s'].items():
     ratio = out['ratio_to_train_step'].get(name)
-    print(f'{name:24s} {1e3 * t:9.1f} ms' + (f'   {ratio:.2f}x train step' if ratio else ''))
+    print(f'{name:24s} {1e3 * t:9.1f} ms' + (
+        f'   {ratio:.2f}x train step (paired {out["paired_ratio"][name]:.2f}x)' if ratio else ''))
   print(f'({out["config"]}, batch {args.batch}, {args.inputs}+{PROMPT_LENGTH} encoder positions, '
         f'{args.targets} targets; median of {args.repeats}; load {out["load_average"][0]:.2f})')
   if args.json:
