@@ -150,6 +150,18 @@ def test_sources_table_marks_the_goal_per_source():
   assert lines[0].endswith('| met |')  # count
   assert lines[1].endswith('| SHORT |')  # extreme: the prompt reaches 0.85 of the prefixed
   assert lines[2].endswith('| SHORT |')  # filter: the backbone knows it at 69.5 only
+  at_092 = report.format_sources({'majority': dict(prefixed=100.0, prompt=92.0, ratio=0.92)})
+  assert at_092.endswith('| SHORT |')  # 0.92 of the prefixed is short of the README's 0.99
+
+
+def test_the_readme_states_the_goal_the_report_checks():
+  import re
+  from conftest import REPO_ROOT
+  status = next(line for line in (REPO_ROOT / 'README.md').read_text().splitlines()
+                if 'lab report sources' in line and 'known at' in line)
+  prefixed = float(re.search(r'known at >= ([0-9.]+)%', status).group(1))
+  ratio = float(re.search(r'through a prompt at >= ([0-9.]+) of that', status).group(1))
+  assert (prefixed, ratio) == (report.GOAL_PREFIXED, report.GOAL_RATIO)
 
 
 def test_transfer_table_compares_the_checks_after_step_0():
