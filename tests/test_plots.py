@@ -39,3 +39,22 @@ def test_heatmap_is_readable_whatever_the_matrix_size(tmp_path):
                     'must wrap rather than be clipped', value_label='relative score')
   width, height = _png_size(path)
   assert width >= 700 and height >= 520  # was 291 x 258 for a 3 x 3 matrix
+
+
+def test_xprompt_masks_legend_matches_the_data(tmp_path):
+  """Kept pieces are drawn in the legend's 'kept' colour, pruned ones in its 'pruned' colour:
+  with a quarter of the pieces kept, the kept colour covers a third of the pruned colour's area."""
+  import matplotlib.image
+  from matplotlib.colors import to_rgb
+  from jaxprompt.methods import xprompt
+  token = np.array([1, 0, 0, 0], np.float32)  # one token of four kept, all its pieces
+  piece = np.ones((4, 8), np.float32)
+  path = xprompt.draw_masks({0.75: (token, piece)}, str(tmp_path / 'masks.png'))
+  image = matplotlib.image.imread(path)[..., :3]
+
+  def area(colour):
+    return int(np.all(np.abs(image - np.asarray(to_rgb(colour))) < 0.02, axis=-1).sum())
+
+  kept, pruned = area(xprompt.MASK_COLOURS['kept']), area(xprompt.MASK_COLOURS['pruned'])
+  assert kept > 100 and pruned > 100
+  assert 0.25 < kept / pruned < 0.45, (kept, pruned)

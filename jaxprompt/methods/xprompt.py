@@ -810,25 +810,35 @@ def format_table(rows: list[dict[str, Any]]) -> str:
   return '\n'.join(lines)
 
 
+# The colours of `masks.png`, read by its legend and its test.
+MASK_COLOURS = {'kept': '#1b7837', 'pruned': '#e6e6e6'}
+
+
 def draw_masks(masks: dict[float, tuple[np.ndarray, np.ndarray]], path: str,
                chosen: float | None = None) -> str:
-  """A PNG: one panel per fraction, tokens down, pieces across (kept light, pruned dark)."""
+  """A PNG: one panel per fraction, tokens down, pieces across; kept pieces dark green, pruned
+  ones light grey (`MASK_COLOURS`), with a legend that says so."""
   import matplotlib
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
+  from matplotlib.colors import ListedColormap
+  from matplotlib.patches import Patch
   n = len(masks)
-  fig, axes = plt.subplots(1, n, figsize=(1.3 * n + 0.6, 3.2), squeeze=False)
+  cmap = ListedColormap([MASK_COLOURS['pruned'], MASK_COLOURS['kept']])
+  fig, axes = plt.subplots(1, n, figsize=(max(6.4, 1.3 * n + 1.6), 3.8), squeeze=False)
   for ax, (f, (token, piece)) in zip(axes[0], sorted(masks.items())):
     live = np.asarray(piece) * np.asarray(token)[:, None]
-    ax.imshow(live, cmap='Greens', vmin=0, vmax=1, aspect='auto', interpolation='nearest')
-    ax.set_title(f'{f:.0%}{" *" if f == chosen else ""}\n{int(live.sum())}/{live.size}',
-                 fontsize=8)
+    ax.imshow(live, cmap=cmap, vmin=0, vmax=1, aspect='auto', interpolation='nearest')
+    ax.set_title(f'{f:.0%} pruned{" *" if f == chosen else ""}\n{int(live.sum())}/{live.size} '
+                 'kept', fontsize=8)
     ax.set_xticks([])
     ax.set_yticks([])
-  axes[0][0].set_ylabel('tokens')
-  axes[0][n // 2].set_xlabel('pieces (dark: pruned)')
-  fig.suptitle('XPrompt masks by pruned fraction (* chosen)', fontsize=9)
-  fig.tight_layout()
+  axes[0][0].set_ylabel('prompt tokens')
+  axes[0][n // 2].set_xlabel('pieces of each token')
+  fig.legend(handles=[Patch(color=c, label=name) for name, c in MASK_COLOURS.items()],
+             loc='lower right', fontsize=8, ncol=2)
+  fig.suptitle('XPrompt masks by pruned fraction (* chosen)', fontsize=10)
+  fig.tight_layout(rect=(0, 0.06, 1, 1))
   fig.savefig(path, dpi=110)
   plt.close(fig)
   return path
