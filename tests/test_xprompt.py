@@ -169,28 +169,6 @@ def test_masks_with_a_batch_axis_give_one_prompt_per_example():
           got[i], np.asarray(xp.masked_inputs(xp.prompt_lib.prompt_tree(value), one, None)[1]))
 
 
-def test_scorer_per_batch_option_averages_absolute_batch_gradients():
-  from jaxprompt.checkpoints.backbone import load_backbone
-  module, params = Transformer(TINY_GATED), random_params(TINY_GATED)
-  bb = load_backbone((module, params))
-  rs = np.random.RandomState(1)
-  prompt = rs.normal(0, 1, (3, TINY_GATED.emb_dim)).astype(np.float32)
-  batches = [_tiny_batch(rs) for _ in range(3)]
-  ones_t, ones_p = np.ones(3), np.ones((3, 2))
-  s = xp.Scorer(bb, prompt, None, None, None, pieces=2, batches=3, per='batch',
-                batch_source=batches).scores(ones_t, ones_p)
-  frozen = {'backbone': params, 'piece_index': xp.piece_index(TINY_GATED.emb_dim, 2)}
-  loss_fn = xp.make_mask_gradient(module).loss_fn
-  ones = {'token': jnp.ones(3), 'piece': jnp.ones((3, 2))}
-  # per batch, the closed form: dL(batch)/dgamma_i = <dL/dp_i, p_i>
-  prompt_grad = jax.jit(jax.grad(lambda p, b: loss_fn(ones, p, frozen, b)))
-  closed = [(np.asarray(prompt_grad(prompt, b)) * prompt).sum(-1) for b in batches]
-  np.testing.assert_allclose(s['token'], np.mean(np.abs(closed), 0), rtol=1e-3, atol=1e-5)
-  signed = xp.Scorer(bb, prompt, None, None, None, pieces=2, batches=3, kind='signed',
-                     per='batch', batch_source=batches).scores(ones_t, ones_p)
-  np.testing.assert_allclose(signed['token'], -np.mean(closed, 0), rtol=1e-3, atol=1e-5)
-
-
 # ---- pruning schedule ----
 
 def test_hierarchical_masks_nested_exact_and_keep_one_token():
@@ -285,6 +263,8 @@ def test_options_and_bad_input_are_one_clear_error():
   assert xp.XPromptOptions(prune_fractions='0.5,0.1').prune_fractions == (0.1, 0.5)
   with pytest.raises(ConfigError, match='piece_layout'):
     xp.XPromptOptions(piece_layout='diagonal')
+  with pytest.raises(ConfigError, match='importance_per.*example, batch'):
+    xp.XPromptOptions(importance_per='examples')
   with pytest.raises(ValueError, match='do not divide the prompt width 32'):
     xp.piece_index(32, 5)
   assert xp.piece_index(8, 4, 'contiguous').tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
