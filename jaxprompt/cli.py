@@ -293,52 +293,14 @@ def _fmt(metrics: dict[str, Any]) -> str:
                    if k != 'step' and isinstance(v, (int, float)))
 
 
-def describe_run(model_dir: str) -> dict[str, Any]:
-  """What a run directory holds: its manifest, progress, best metrics and files."""
-  from jaxprompt.train.checkpointing import read_manifest
-  manifest = read_manifest(model_dir)
-  out = {'run_directory': os.path.abspath(model_dir), **{
-      k: manifest.get(k) for k in ('method', 'task', 'backbone_path', 'backbone', 'train_steps',
-                                   'batch_size', 'prompt_length', 'seed')}}
-  summary_path = os.path.join(model_dir, 'summary.json')
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      summary = json.load(f)
-    out.update(state='finished', step=summary.get('step'), best_step=summary.get('best_step'),
-               best_metrics=summary.get('best_metrics'))
-  else:
-    steps_done = [int(d) for d in os.listdir(os.path.join(model_dir, 'checkpoints'))
-                  if d.isdigit()] if os.path.isdir(os.path.join(model_dir, 'checkpoints')) else []
-    out.update(state='unfinished (resume with --resume)',
-               step=max(steps_done) if steps_done else 0)
-  out['files'] = sorted(f for f in os.listdir(model_dir)
-                        if f.endswith(('.safetensors', '.npy', '.jsonl', '.png', '.json'))
-                        or f == 'model_best')
-  return out
-
-
 def _info_command(args) -> int:
+  """Any artefact the project writes (a run, a prompt, a library, a prune, a projector) or a
+  checkpoint, with its provenance (`jaxprompt.artefacts`)."""
+  from jaxprompt import artefacts
   path = args.path
-  if os.path.isdir(path) and os.path.exists(os.path.join(path, 'manifest.json')):
-    d = describe_run(path)
-    if args.json:
-      print(json.dumps(d, default=str))
-    else:
-      print(f'run: {d.pop("run_directory")}')
-      for k, v in d.items():
-        if v is not None:
-          print(f'  {k:<13} {", ".join(v) if k == "files" else _fmt(v) if isinstance(v, dict) else v}')
-    return 0
-  is_adapter = os.path.isdir(path) and os.path.exists(os.path.join(path, 'adapter_config.json'))
-  if is_adapter or (path.endswith(('.safetensors', '.npy')) and os.path.isfile(path)
-                    and not os.path.exists(os.path.join(os.path.dirname(path) or '.',
-                                                        'config.json'))):
-    from jaxprompt.prompts.files import describe_prompt, read_prompt
-    if args.json:
-      p = read_prompt(path)
-      print(json.dumps({'shape': list(p.value.shape), **p.metadata}, default=str))
-    else:
-      print(describe_prompt(path))
+  if artefacts.kind_of(path) != 'checkpoint':
+    d = artefacts.describe(path)
+    print(json.dumps(d, default=str) if args.json else artefacts.format_description(d))
     return 0
   from jaxprompt.checkpoints.inspect import describe, format_description
   d = describe(_backbone_path(path))

@@ -28,12 +28,13 @@ import seqio  # noqa: E402
 
 from jaxprompt import __version__
 from jaxprompt.checkpoints.backbone import Backbone
-from jaxprompt.config import (FALLBACK_FEATURE_LENGTHS, FALLBACK_PROMPT_LENGTH, RunConfig,
-                              split_options)
+from jaxprompt.config import (FALLBACK_FEATURE_LENGTHS, FALLBACK_PROMPT_LENGTH,
+                              FALLBACK_SCHEDULE, RunConfig, split_options)
 from jaxprompt.methods import Context, Method, get_method
 from jaxprompt.model import layout as model_layout
 from jaxprompt.prompts import prompt as prompt_lib
 from jaxprompt.train import checkpointing, engine as engine_lib, evaluation, loop, partitioning, steps
+from jaxprompt.train import agreement
 
 
 @dataclasses.dataclass
@@ -81,10 +82,14 @@ def tune(task: str, *, backbone, model_dir: str, method: str = 'prompt_tuning',
 
 
 def resolve_config(config: RunConfig, task: str) -> RunConfig:
-  """Fills what the user left to the task (lengths) with the task's own, else the paper's."""
+  """Fills what the user left to the task (lengths, prompt length, steps, batch size, eval
+  period) with the task's own, else the paper's."""
   from jaxprompt.data.tasks import task_defaults
   known = task_defaults(task)
+  schedule = {name: getattr(config, name) or known.get(name, fallback)
+              for name, fallback in FALLBACK_SCHEDULE.items()}
   return config.replace(
+      **schedule,
       prompt_length=config.prompt_length or known.get('prompt_length', FALLBACK_PROMPT_LENGTH),
       feature_lengths={**known.get('feature_lengths', FALLBACK_FEATURE_LENGTHS),
                        **(config.feature_lengths or {})})
@@ -149,15 +154,18 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
       position, loss)
 
   identity = checkpointing.IDENTITY_KEYS + tuple(method.identity(ctx))
-  # Checked first without writing (a directory of another run is left untouched), then held.
-  checkpointing.prepare_run_dir(model_dir, manifest, config.resume, False, identity)
-  lock = checkpointing.RunLock(model_dir).acquire() if is_writer else None
+  # Every process checks before anything is written (a directory of another run is left
+  # untouched) and all act on one verdict; then process 0 holds the directory and writes the
+  # manifest, and the others go on once it has. Processes may arrive in any order.
+  agreement.same(f'{model_dir}: the run directory', lambda: checkpointing.check_run_dir(
+      model_dir, manifest, config.resume, identity), hint=agreement.SHARED_STORAGE)
+  lock = agreement.by_writer(f'{model_dir}: hold the run directory', lambda: (
+      checkpointing.hold_run_dir(model_dir, manifest, config.resume, identity)))
   watch = None
   if jax.process_count() > 1:
     watch = partitioning.PeerWatch(f'restart every process with --resume to continue '
                                    f'{model_dir} from its last checkpoint').start()
   try:
-    checkpointing.prepare_run_dir(model_dir, manifest, config.resume, is_writer, identity)
     return _train(method, ctx, model_dir, eng, state, validation, extras, dropout_rng,
                   is_writer)
   except Exception as e:
@@ -181,10 +189,13 @@ def check_backbone_options(method: Method, config: RunConfig) -> None:
 def hold_backbone(method: Method, ctx: Context, trainable) -> tuple[Context, Any]:
   """The backbone as the run holds it: the module with `remat_policy` / `scan_layers`, the
   frozen weights in `param_dtype` and stacked when scanned (a backbone trainable, model
-  tuning, is stacked too). Its config and fingerprint, the checkpoint's identity, are kept."""
+  tuning, is stacked too). Its config and fingerprint, the checkpoint's identity, are kept.
+  Any other trainable is float32, even one initialised from a bfloat16 embedding."""
   config, bb = ctx.config, ctx.backbone
   module = bb.module.clone(remat_policy=config.remat_policy, scan_layers=config.scan_layers)
   params = model_layout.cast_frozen(bb.params, config.param_dtype)
+  if not method.trains_backbone:
+    trainable = model_layout.cast_frozen(trainable, 'float32')
   if config.scan_layers:
     params = model_layout.stack_layers(params)
     if method.trains_backbone:
@@ -230,19 +241,26 @@ def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation,
           trainable, extras, step, metrics, model_dir, ctx)) if is_writer else None))
 
   final_metrics = result.evals[-1] if result.evals else None
-  final_path = None
-  if is_writer and not method.trains_backbone:
-    final_path = method.save_product(result.state.trainable, extras,
-                                     os.path.join(model_dir, 'prompt_final'),
-                                     dict(product_meta, step=result.step, metrics=final_metrics))
   if not best_path and result.best_step is not None:
     best_path = [best_stem + ('' if method.trains_backbone else '.safetensors')]
-  summary = dict(step=result.step, best_step=result.best_step, best_metrics=result.best_metrics,
+  summary = dict(step=result.step, train_steps=config.train_steps, best_step=result.best_step,
+                 best_metrics=result.best_metrics,
                  initial_metrics=result.evals[0] if result.evals else None,
                  final_metrics=final_metrics, stopped_early=result.stopped_early)
-  if is_writer:
+
+  def write_products() -> str | None:
+    path = None
+    if not method.trains_backbone:
+      path = method.save_product(result.state.trainable, extras,
+                                 os.path.join(model_dir, 'prompt_final'),
+                                 dict(product_meta, step=result.step, metrics=final_metrics))
     with open(os.path.join(model_dir, 'summary.json'), 'w') as f:
       json.dump(summary, f, indent=2, default=float)
+    return path
+
+  # Process 0 writes; every process returns once the products exist (a caller reads them).
+  final_path = agreement.by_writer(f'{model_dir}: the products of the run', write_products,
+                                   share=True)
   best = best_path[0] if best_path else None
   return TuneResult(model_dir, result.step, result.best_step, result.best_metrics,
                     summary['initial_metrics'], final_metrics, final_path,

@@ -357,7 +357,7 @@ def test_pruned_entries_stay_zero_through_training_resume_and_export(tiny):
   metrics = evaluate.evaluate('xp_task', backbone=tiny['ckpt'], prompt=r2.best_prompt_path,
                               feature_lengths={'inputs': 16, 'targets': 4})
   assert 'score' in metrics or 'accuracy' in metrics
-  assert 'token mask: 3/4' in cli_info(r2.best_prompt_path)
+  assert '3/4 tokens kept' in cli_info(r2.best_prompt_path)
   # drop_pruned: the pruned token leaves the sequence; loss differs from the zero-vector one
   _, extras = xp.XPrompt().load_product(r2.best_prompt_path, _ctx(tiny))
   extras_drop = xp.mask_extras(token, piece, 'contiguous', d, drop_pruned=True)
