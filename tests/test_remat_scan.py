@@ -350,6 +350,30 @@ def test_model_tuning_with_bf16_weights_is_refused_in_one_line(tmp_path):
   assert not (tmp_path / 'r').exists()
 
 
+def test_hold_backbone_casts_stacks_and_keeps_the_identity(tiny):
+  """What the run driver does to the loaded backbone before placing it."""
+  from jaxprompt.checkpoints.backbone import Backbone, fingerprint
+  from jaxprompt.config import RunConfig
+  from jaxprompt.methods import Context, get_method
+  from jaxprompt.prompts.prompt import prompt_tree
+  from jaxprompt.tuning import hold_backbone
+  cfg, params = tiny
+  bb = Backbone(Transformer(cfg), params, None, fingerprint(cfg, params))
+  config = RunConfig(param_dtype='bfloat16', scan_layers=True, remat_policy='full')
+  ctx = Context(bb, 't', ('t',), None, None, config, None)
+  prompt = prompt_tree(jnp.ones((3, cfg.emb_dim), jnp.bfloat16))  # e.g. from a bf16 embedding
+  held, trainable = hold_backbone(get_method('prompt_tuning'), ctx, prompt)
+  module, frozen = held.backbone.module, held.backbone.params
+  assert (module.scan_layers, module.remat_policy, module.config) == (True, 'full', cfg)
+  assert held.backbone.fingerprint == bb.fingerprint and 'layers' in frozen['encoder']
+  assert {x.dtype for x in jax.tree_util.tree_leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree_util.tree_leaves(trainable)} == {jnp.dtype(jnp.float32)}
+  model_ctx = Context(bb, 't', ('t',), None, None, RunConfig(scan_layers=True), None)
+  _, model = hold_backbone(get_method('model_tuning'), model_ctx, params)
+  assert model['decoder']['layers']['mlp']['wo']['kernel'].dtype == jnp.float32
+  jax.tree_util.tree_map(np.testing.assert_array_equal, unstack_layers(model), params)
+
+
 def _write_task(root):
   import data_helpers
   from jaxprompt import cli
