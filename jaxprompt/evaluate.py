@@ -86,14 +86,10 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
                          f' has no row for {", ".join(missing)}')
       method = _RowsOf(method, [trained_on.index(t) for t in tasks])
   position_index = prompt_lib.position_index(position or 'prefix')
-  from jaxprompt.config import RunConfig
-  from jaxprompt.train import partitioning
-  run_config = run_config or RunConfig(num_partitions=num_partitions)
   eng, state = engine_lib.build_engine(bb.module, method.eval_inputs, None,
                                        {'backbone': bb.params, **extras}, trainable,
                                        prompt_position=position_index,
-                                       mesh=partitioning.mesh_from_config(run_config),
-                                       rules=partitioning.rules_from_config(run_config),
+                                       mesh=mesh, rules=rules,
                                        trainable_is_backbone=method.trains_backbone)
   validation = evaluation.build_validation(eng, method, tasks, split, lengths, batch_size, mode,
                                            max_examples, position_index, steps.LossConfig())

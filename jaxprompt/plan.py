@@ -212,28 +212,13 @@ def candidate_meshes(device_count: int) -> list[tuple[int, int]]:
   return [(device_count // m, m) for m in range(1, device_count + 1) if device_count % m == 0]
 
 
-def _module(config, remat_policy: str, scan_layers: bool):
-  from jaxprompt.model import Transformer
-  module = Transformer(config)
-  wanted = {'remat_policy': remat_policy, 'scan_layers': scan_layers}
-  default = {'remat_policy': 'none', 'scan_layers': False}
-  for name, value in wanted.items():
-    if value != default[name]:
-      if not hasattr(module, name):
-        raise PlanError(f'--{name} {value}: this version of the model has no {name}')
-      module = module.clone(**{name: value})
-  return module
-
-
-def _backbone_structs(module, param_dtype: str):
-  """The module's params as structs (held in `param_dtype`), from its own init: no weights."""
-  import jax
-  import jax.numpy as jnp
-  tokens = jnp.ones((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0), tokens, tokens, tokens,
-                                              enable_dropout=False))['params']
-  return jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, jnp.dtype(param_dtype)), shapes)
+def _backbone(config, remat_policy: str, scan_layers: bool, param_dtype: str):
+  """The module and its frozen params as a run holds them (`tuning.hold_backbone`): remat and
+  scan set on the module, the params (stacked when scanned) in `param_dtype`, as structs."""
+  from jaxprompt.model import Transformer, layout
+  from jaxprompt.model.network import param_shapes
+  module = Transformer(config).clone(remat_policy=remat_policy, scan_layers=scan_layers)
+  return module, layout.cast_frozen(param_shapes(config, scan_layers), param_dtype)
 
 
 def plan(model, *, batch_size: int, inputs_length: int, targets_length: int,
@@ -281,7 +266,9 @@ def plan(model, *, batch_size: int, inputs_length: int, targets_length: int,
   tgt = target_devices(target, parse_memory(device_memory))
   if on_target:
     on_target(tgt)
-  module = _module(config, remat_policy, scan_layers)
+  if method == 'model_tuning' and param_dtype != 'float32':
+    raise PlanError('--param_dtype: model tuning trains the backbone, which is kept float32')
+  module, backbone = _backbone(config, remat_policy, scan_layers, param_dtype)
   m = get_method(method)
   run_config = RunConfig(method=method, batch_size=batch_size, prompt_length=prompt_length,
                          accumulate_steps=accumulate_steps, param_dtype=param_dtype,
@@ -291,7 +278,6 @@ def plan(model, *, batch_size: int, inputs_length: int, targets_length: int,
                          logical_axis_rules=logical_axis_rules)
   rules = partitioning.rules_from_config(run_config)
   tx = m.optimizer(Context(None, '', (), None, None, run_config, None))
-  backbone = _backbone_structs(module, param_dtype)
   if m.trains_backbone:  # the trainable backbone (and its optimizer state) stays float32
     frozen = {}
     trainable = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),

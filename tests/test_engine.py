@@ -319,28 +319,30 @@ SHARDED = textwrap.dedent('''
     sys.path.insert(0, {tests!r})
     from test_engine import CFG, make_batch, _prompt
     from jaxprompt.model import Transformer, init_params
-    from jaxprompt.train import steps
+    from jaxprompt.train import partitioning, steps
     from jaxprompt.train.engine import build_engine
     from jaxprompt.train.optimizers import t5x_adafactor
     module, params = Transformer(CFG), init_params(CFG, 0)
     eng, state = build_engine(module, steps.prompt_inputs, t5x_adafactor(), {{'backbone': params}},
-                              _prompt(), num_partitions={parts})
+                              _prompt(), num_partitions={parts},
+                              rules=partitioning.standard_logical_axis_rules(1, {dims}))
     losses = []
     for i in range(6):
       state, m = eng.train_step(state, eng.frozen, eng.put_batch(make_batch(i)),
                                 jax.random.PRNGKey(3))
       losses.append(float(m['loss']))
     q = eng.frozen['backbone']['encoder']['layers_0']['attention']['query']['kernel']
+    emb = eng.frozen['backbone']['token_embedder']['embedding']
     print(json.dumps({{'devices': jax.device_count(), 'losses': losses,
-                      'query_spec': str(q.sharding.spec),
+                      'query_spec': str(q.sharding.spec), 'embedding_spec': str(emb.sharding.spec),
                       'prompt': np.asarray(state.trainable['encoder']['prompt']['prompt']['prompt']).tolist()}}))
 ''')
 
 
-def _run_devices(n: int, parts: int) -> dict:
+def _run_devices(n: int, parts: int, dims: int = 1) -> dict:
   env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
              TF_CPP_MIN_LOG_LEVEL='3')
-  code = SHARDED.format(tests=os.path.dirname(__file__), parts=parts)
+  code = SHARDED.format(tests=os.path.dirname(__file__), parts=parts, dims=dims)
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=600)
   assert out.returncode == 0, out.stderr[-2000:]
@@ -353,3 +355,9 @@ def test_eight_device_sharded_training_follows_one_device():
   assert eight['devices'] == 8 and eight['query_spec'] == "P(None, 'model')"
   np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-4)
   np.testing.assert_allclose(eight['prompt'], one['prompt'], atol=1e-4)
+  # 2-D parameter sharding (T5X's parameter_partitioning_dims=2): `embed` on `data` too.
+  two_d = _run_devices(8, 2, dims=2)
+  assert two_d['query_spec'] == "P('data', 'model')"
+  assert two_d['embedding_spec'] == "P('model', 'data')"
+  np.testing.assert_allclose(two_d['losses'], one['losses'], rtol=1e-4)
+  np.testing.assert_allclose(two_d['prompt'], one['prompt'], atol=1e-4)

@@ -9,6 +9,7 @@ as a script with `--xla_force_host_platform_device_count=8`
 import logging
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -75,6 +76,78 @@ def test_rules_reject_unknown_dims_and_append_extra():
   rules = partitioning.standard_logical_axis_rules(
       additional_rules=[('experts', 'data')])
   assert rules[-1] == ('experts', 'data')
+
+
+def test_rules_from_config():
+  from jaxprompt.config import ConfigError, RunConfig
+  assert partitioning.rules_from_config(RunConfig()) == _T5X_1D_RULES
+  two_d = dict(partitioning.rules_from_config(RunConfig(parameter_partitioning_dims=2)))
+  assert two_d['embed'] == 'data'
+  given = (('batch', 'data'), ('embed', 'model'), ('vocab', None))
+  assert partitioning.rules_from_config(RunConfig(logical_axis_rules=given)) == list(given)
+  for bad in [(('batch', 'expert'),), (('batch',),), ((1, 'data'),)]:
+    with pytest.raises(ConfigError, match='logical_axis_rules .* is not a pair'):
+      partitioning.rules_from_config(RunConfig(logical_axis_rules=bad))
+
+
+def test_t5x_gin_spelling_and_flag_literals_become_run_options():
+  """`partitioning.PjitPartitioner.*` and `partitioning.standard_logical_axis_rules.*` (T5X's
+  gin) and `--logical_axis_rules` / `--model_parallel_submesh` literals reach RunConfig."""
+  import gin
+  from jaxprompt import cli
+  from jaxprompt.config import RunConfig
+  gin.clear_config()
+  cli._register_configurables()
+  run = cli.resolve_gin_file('runs/prompt_tune.gin')
+  gin.parse_config_files_and_bindings([run], [
+      "MODEL_DIR = '/tmp/x'", "MIXTURE_OR_TASK_NAME = 'x'", "INITIAL_CHECKPOINT_PATH = '/c'",
+      'partitioning.PjitPartitioner.model_parallel_submesh = (1, 1, 1, 2)',
+      'partitioning.PjitPartitioner.logical_axis_rules = '
+      '@partitioning.standard_logical_axis_rules()',
+      'partitioning.standard_logical_axis_rules.parameter_partitioning_dims = 2',
+      'partitioning.PjitPartitioner.params_on_devices = True',  # T5X-only: accepted, no effect
+      cli._binding('tune.num_partitions', '2')])
+  options = partitioning.t5x_gin_options()
+  assert options['model_parallel_submesh'] == (1, 1, 1, 2)
+  assert options['parameter_partitioning_dims'] == 2
+  config = RunConfig(**options)
+  assert dict(partitioning.rules_from_config(config))['embed'] == 'data'
+  assert gin.query_parameter('NUM_MICROBATCHES/macro.value') == 1
+  # Flags are bound from their text as Python literals.
+  gin.clear_config()
+  cli._register_configurables()
+  gin.parse_config([cli._binding('tune.logical_axis_rules', "(('batch', 'data'), ('mlp', None))"),
+                    cli._binding('tune.model_parallel_submesh', '(1,1,1,2)')])
+  assert gin.query_parameter('tune.logical_axis_rules') == (('batch', 'data'), ('mlp', None))
+  assert gin.query_parameter('tune.model_parallel_submesh') == (1, 1, 1, 2)
+  gin.clear_config()
+  assert partitioning.t5x_gin_options() == {}
+
+
+def _tpu_devices(topology: str) -> list:
+  pytest.importorskip('libtpu')
+  os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')
+  from jax.experimental import topologies
+  return list(topologies.get_topology_desc(topology, 'tpu').devices)
+
+
+def test_model_parallel_submesh_is_a_block_of_the_tpu_grid():
+  """On TPU the `model` axis is an (x, y, z, core) block of the physical grid (compile-only
+  devices of libtpu's topologies); skipped without libtpu."""
+  from jaxprompt.config import ConfigError, RunConfig
+  devices = _tpu_devices('v4:2x2x2')  # 8 chips x 2 cores
+  where = lambda d: tuple(d.coords) + (d.core_on_chip,)
+  for submesh in [(1, 1, 1, 2), (2, 1, 1, 1), (1, 2, 2, 1), (2, 2, 2, 2)]:
+    mesh = partitioning.mesh_from_config(RunConfig(model_parallel_submesh=submesh), devices)
+    size = int(np.prod(submesh))
+    assert dict(mesh.shape) == {'data': 16 // size, 'model': size}
+    for row in mesh.devices:
+      coords = np.array([where(d) for d in row])
+      spans = tuple(int(c) for c in coords.max(0) - coords.min(0) + 1)
+      assert spans == submesh, (submesh, coords)  # one block of the grid
+    assert len({d.id for d in mesh.devices.flat}) == 16
+  with pytest.raises(ConfigError, match=r'does not tile .* grid \(2, 2, 2, 2\)'):
+    partitioning.mesh_from_config(RunConfig(model_parallel_submesh=(1, 1, 3, 1)), devices)
 
 
 # ---------------------------------------------------------------- 1 device
@@ -239,6 +312,25 @@ def _golden_checks():
         {'q': ('embed', 'joined_kv'), 'emb': ('vocab', 'embed'),
          'scale': ('embed',)}, mesh, rules))
     assert got == want, (dims, got)
+
+  # The run's mesh from its options: num_partitions, or T5X's submesh (its product, in device
+  # order, on devices without a torus).
+  from jaxprompt.config import ConfigError, RunConfig
+  assert dict(partitioning.mesh_from_config(RunConfig(num_partitions=4)).shape) == {
+      'data': 2, 'model': 4}
+  sub = partitioning.mesh_from_config(RunConfig(model_parallel_submesh=(1, 1, 1, 2)))
+  assert dict(sub.shape) == {'data': 4, 'model': 2}
+  assert sub.devices.tolist() == partitioning.make_mesh(2).devices.tolist()
+  for bad, match in [(dict(num_partitions=3), 'num_partitions .* does not divide the 8'),
+                     (dict(model_parallel_submesh=(1, 1, 3, 1)), 'do not divide the 8'),
+                     (dict(model_parallel_submesh=(1, 2)), 'give 4 positive sizes'),
+                     (dict(model_parallel_submesh=(1, 1, 1, 2), num_partitions=4),
+                      'makes 2 model partitions but num_partitions is 4')]:
+    try:
+      partitioning.mesh_from_config(RunConfig(**bad))
+      raise AssertionError(f'{bad} was accepted')
+    except ConfigError as e:
+      assert re.search(match, str(e)) and '\n' not in str(e), str(e)
 
   # A dimension the mesh axis does not divide is replicated, not an error.
   odd = partitioning.logical_to_mesh_sharding(

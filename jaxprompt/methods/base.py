@@ -50,7 +50,11 @@ class Context:
 
   @property
   def embedding(self) -> np.ndarray:
-    return np.asarray(self.backbone.params['token_embedder']['embedding'])
+    value = self.backbone.params['token_embedder']['embedding']
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:  # sharded over hosts
+      from jax.experimental import multihost_utils
+      value = multihost_utils.process_allgather(value, tiled=True)  # every process calls this
+    return np.asarray(value)
 
   @property
   def width(self) -> int:

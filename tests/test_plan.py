@@ -1,0 +1,150 @@
+"""`jaxprompt plan`: the memory it reports is the compiled program of the run's own step."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from jaxprompt import cli, plan as plan_lib
+
+SHAPES = dict(batch_size=8, inputs_length=6, targets_length=3, prompt_length=4)
+
+
+def _concrete_memory(parts: int = 1, dims: int = 1) -> dict:
+  """The real step's own figures: the engine on real weights (tiny T5), its train step
+  lowered for real arrays and compiled, `memory_analysis()`; plus the bytes its arguments
+  hold on one device, summed from the arrays' shards (an independent count)."""
+  from jaxprompt.model import Transformer, get_config, init_params
+  from jaxprompt.prompts import prompt as prompt_lib
+  from jaxprompt.train import partitioning, steps
+  from jaxprompt.train.engine import build_engine
+  from jaxprompt.train.optimizers import t5x_adafactor
+  config = get_config('t5_1_1_tiny', dtype='bfloat16')
+  b, n_in, n_t, p = (SHAPES[k] for k in ('batch_size', 'inputs_length', 'targets_length',
+                                         'prompt_length'))
+  prompt = prompt_lib.prompt_tree(np.ones((p, config.emb_dim), np.float32))
+  eng, state = build_engine(Transformer(config), steps.prompt_inputs,
+                            t5x_adafactor(learning_rate=0.3, weight_decay_rate=1e-5),
+                            {'backbone': init_params(config, 0)}, prompt,
+                            mesh=partitioning.make_mesh(parts),
+                            rules=partitioning.standard_logical_axis_rules(1, dims))
+  tokens = lambda n: np.ones((b, n), np.int32)
+  batch = eng.put_batch({'encoder_input_tokens': tokens(n_in), 'decoder_input_tokens': tokens(n_t),
+                         'decoder_target_tokens': tokens(n_t), 'decoder_loss_weights': tokens(n_t)})
+  rng = jax.random.PRNGKey(0)
+  stats = eng.lower_train(state, batch, rng).compile().memory_analysis()
+  device = eng.mesh.devices.flat[0]
+  held = sum(s.data.nbytes for x in jax.tree_util.tree_leaves((state, eng.frozen, batch, rng))
+             for s in x.addressable_shards if s.device == device)
+  return dict(arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+              temporaries=stats.temp_size_in_bytes, alias=stats.alias_size_in_bytes, held=held)
+
+
+def _check(row: dict, real: dict) -> None:
+  for key in ('arguments', 'outputs', 'temporaries', 'alias'):
+    assert row[key] == real[key], (key, row, real)
+  assert row['arguments'] == real['held']  # every argument byte is a real array's shard
+  assert row['total'] == row['arguments'] + row['outputs'] + row['temporaries'] - row['alias']
+
+
+def test_plan_reports_the_memory_of_the_compiled_train_step(tmp_path, capsys):
+  """`jaxprompt plan` (abstract weights, nothing allocated) gives exactly the memory analysis of
+  the train step compiled on real weights, and the table names it; fit judged on a budget."""
+  out = tmp_path / 'plan.json'
+  args = ['plan', '--model', 'models/t5_1_1/tiny.gin', '--target', 'cpu:1', '--steps', 'train',
+          '--device_memory', '1MB', '--out', str(out)]
+  for key, value in SHAPES.items():
+    args += [f'--{key}', str(value)]
+  assert cli.main(args) == 0
+  printed = capsys.readouterr().out
+  assert 'compiled by XLA:CPU' in printed and "not a GPU's compiler" in printed
+  result = json.loads(out.read_text())
+  assert result['devices'] == 1 and result['device_memory'] == 10**6
+  (row,) = result['rows']
+  assert row['mesh'] == [1, 1] and row['step'] == 'train'
+  _check(row, _concrete_memory())
+  assert row['fits'] is (row['total'] <= 10**6)
+  assert cli.main(args) == 2  # --out is never overwritten
+  assert 'exists' in capsys.readouterr().err
+
+
+def test_plan_options_fail_in_one_line():
+  assert plan_lib.parse_memory('80GB') == 80 * 10**9
+  assert plan_lib.parse_memory('95GiB') == 95 * 2**30
+  assert plan_lib.candidate_meshes(8) == [(8, 1), (4, 2), (2, 4), (1, 8)]
+  assert plan_lib._tpu_topology('v3-8') == ('v3:2x2', {})
+  assert plan_lib._tpu_topology('v4-16') == ('v4:2x2x2', {})
+  assert plan_lib._tpu_topology('v3-32') == ('v3:4x4', {})
+  assert plan_lib._tpu_topology('v5p-2') == ('v5p:1x1x1', {'chips_per_host_bounds': (1, 1, 1)})
+  for call, match in [
+      (lambda: plan_lib.parse_memory('lots'), 'device_memory'),
+      (lambda: plan_lib.target_devices('v9x-3'), '--target v9x-3'),
+      (lambda: plan_lib.target_devices(f'cpu:{jax.device_count() + 1}'), 'XLA_FLAGS'),
+      (lambda: plan_lib.resolve_model('t5_9_9_huge'), '--model t5_9_9_huge'),
+      (lambda: plan_lib.plan('t5_1_1_tiny', method='xprompt', **SHAPES), '--method xprompt'),
+      (lambda: plan_lib.plan('t5_1_1_tiny', accumulate_steps=3, **SHAPES), 'accumulate_steps'),
+      (lambda: plan_lib.plan('t5_1_1_tiny', meshes=[(2, 2)], **SHAPES), '--meshes'),
+  ]:
+    with pytest.raises(plan_lib.PlanError, match=match) as e:
+      call()
+    assert '\n' not in str(e.value)
+
+
+def test_out_of_hbm_is_a_row_not_a_failure():
+  """libtpu refuses to compile a program that does not fit; its message becomes the row."""
+  message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
+             'temporaries (25.44G) exceeds available HBM (15.48G).')
+
+  class Lowered:
+    def compile(self):
+      raise RuntimeError(message)
+
+  row = plan_lib._compile(Lowered(), (2, 4), 'train', 16 * 2**30)
+  assert row.temporaries == int(25.44 * 2**30) and row.device_memory == int(15.48 * 2**30)
+  assert row.fits is False and row.total is None and row.arguments is None
+  assert 'out of HBM' in plan_lib.format_row(row)
+
+
+EIGHT = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import test_plan
+    from jaxprompt import plan
+    _, rows = plan.plan('t5_1_1_tiny', target='cpu:8', meshes=[(2, 4)], steps=['train'],
+                        parameter_partitioning_dims=2, **test_plan.SHAPES)
+    print(json.dumps({{'row': rows[0].to_dict(), 'real': test_plan._concrete_memory(4, 2)}}))
+''')
+
+
+@pytest.mark.slow
+def test_plan_on_eight_devices_matches_the_sharded_step():
+  """On a (2, 4) mesh with 2-D parameter sharding, per-device figures equal the real step's."""
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', EIGHT.format(tests=os.path.dirname(__file__))],
+                       env=env, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  _check(result['row'], result['real'])
+
+
+@pytest.mark.slow
+def test_plan_for_a_tpu_topology():
+  """libtpu's compiler, no TPU: a tiny T5 on v3-8 (16 GiB per core) fits on every mesh, and each
+  device holds at least its shard of the arguments (TPU layouts pad). Skipped without libtpu."""
+  pytest.importorskip('libtpu')
+  target, rows = plan_lib.plan('t5_1_1_tiny', target='v3-8', meshes=[(4, 2), (8, 1)], **SHAPES)
+  assert len(target.devices) == 8 and target.device_memory == 16 * 2**30
+  assert 'libtpu (TPU v3)' in target.compiler
+  assert [(r.mesh, r.step) for r in rows] == [((4, 2), 'train'), ((4, 2), 'eval'),
+                                              ((8, 1), 'train'), ((8, 1), 'eval')]
+  assert all(r.fits and r.compiler_error is None and r.temporaries > 0 for r in rows)
+  train = {r.mesh: r for r in rows if r.step == 'train'}
+  assert train[(4, 2)].alias > 0  # the donated state is reused
+  # model-parallel halves the backbone's big matrices: fewer argument bytes per device
+  assert train[(4, 2)].arguments < train[(8, 1)].arguments
