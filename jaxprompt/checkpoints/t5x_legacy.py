@@ -187,19 +187,40 @@ def open_stores(specs: Mapping[Path, dict[str, Any]], fail) -> dict[Path, Any]:
   return stores
 
 
+WHOLE_LEAF_BYTES = 256 * 2**20
+
+
 def store_leaf(store, fail) -> Leaf:
-  """A Leaf reading boxes of an open tensorstore array (only the chunks a box touches)."""
+  """A Leaf reading boxes of an open tensorstore array. A leaf of at most 256 MiB is read
+  whole on its first box and its boxes sliced from that (a compressed chunk is the unit of
+  reading, and a chunk often spans the boxes of several devices: it is decoded once); a
+  bigger one reads only the chunks each box touches."""
+  dtype = np.dtype(store.dtype.numpy_dtype)
+
+  def read_box(index):
+    try:
+      return store[tuple(index)].read().result()
+    except (ValueError, RuntimeError) as e:
+      raise fail(e) from None
 
   @contextlib.contextmanager
   def open_leaf():
-    def read(index):
-      try:
-        return store[tuple(index)].read().result()
-      except (ValueError, RuntimeError) as e:
-        raise fail(e) from None
-    yield read
+    if math.prod(store.shape) * dtype.itemsize > WHOLE_LEAF_BYTES:
+      yield read_box
+      return
+    whole = []
 
-  return Leaf(tuple(store.shape), np.dtype(store.dtype.numpy_dtype).name, open_leaf)
+    def read(index):
+      if not whole:
+        whole.append(read_box(tuple(slice(0, n) for n in store.shape)))
+      return whole[0][tuple(index)]
+
+    try:
+      yield read
+    finally:
+      whole.clear()
+
+  return Leaf(tuple(store.shape), dtype.name, open_leaf)
 
 
 def array_leaf(arr: np.ndarray) -> Leaf:
