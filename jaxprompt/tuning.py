@@ -102,6 +102,9 @@ def make_context(method: Method, task: str, backbone, config: RunConfig, options
   from jaxprompt.train.partitioning import initialize_distributed
   check_task_name(task)
   initialize_distributed(config.coordinator_address, config.num_processes, config.process_id)
+  # Processes come seconds (or minutes) apart; they start the run together, as its first
+  # collective (in loading) waits only so long (30 s on CPU) for a late process.
+  agreement.barrier('start a run')
   from jaxprompt.checkpoints.backbone import load_backbone as load
   # Read straight into the engine's shardings (this process's slices only); the engine's
   # placement of these arrays is then a no-op. A trained backbone stays float32.

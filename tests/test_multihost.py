@@ -6,8 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+import threading
+import time
 
 import numpy as np
+import pytest
 
 WORKER = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
 
@@ -83,3 +86,190 @@ def test_a_lost_process_stops_the_others_with_one_line_and_the_run_resumes(tmp_p
   rows = [json.loads(line) for line in open(root / 'run' / 'metrics.jsonl')]
   steps = [r['step'] for r in rows if r['split'] == 'train']
   assert steps == sorted(set(steps)) and steps[-1] == kept + 3  # no duplicated rows
+
+
+# ---------------------------------------------------------------------------------------------
+# The agreement between processes, on threads over an in-memory store (fast tier).
+
+class _Store:
+  """The coordination service's key-value store, in memory (threads stand for processes)."""
+
+  def __init__(self):
+    self.values, self.changed = {}, threading.Condition()
+
+  def set(self, key, value):
+    with self.changed:
+      assert key not in self.values, f'{key} set twice'
+      self.values[key] = value
+      self.changed.notify_all()
+
+  def get(self, key, timeout_s):
+    with self.changed:
+      if not self.changed.wait_for(lambda: key in self.values, timeout_s):
+        raise TimeoutError(key)
+      return self.values[key]
+
+
+def _on_processes(count, body, wait_s=20.0, delays=None):
+  """Runs `body(processes, index)` on `count` threads, each with its own `Processes` over one
+  store, the i-th starting after delays[i] s; returns each one's result or exception."""
+  from jaxprompt.train.agreement import Processes
+  store, out = _Store(), [None] * count
+
+  def one(i):
+    time.sleep((delays or [0] * count)[i])
+    try:
+      out[i] = body(Processes(store, i, count, wait_s), i)
+    except Exception as e:  # noqa: BLE001 - returned for the test to look at
+      out[i] = e
+
+  threads = [threading.Thread(target=one, args=(i,)) for i in range(count)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(60)
+  return out
+
+
+def test_agreement_checks_everywhere_before_process_0_writes_whatever_the_order(tmp_path):
+  """The race of issue 20 in miniature: a check of "is it written?" made by every process, then
+  a write by process 0. Late processes (any order) still see the directory as it was."""
+  from jaxprompt.train.checkpointing import RunDirectoryError, prepare_run_dir
+  for delays in ([0, 0.3, 0.6], [0.6, 0.3, 0], [0.3, 0, 0.6]):
+    run_dir = str(tmp_path / f'run{delays}')
+
+    def body(p, i):
+      resumable = p.same('check', lambda: prepare_run_dir(run_dir, {'task': 't'}, False, False))
+      p.by_writer('write', lambda: prepare_run_dir(run_dir, {'task': 't'}, False, True))
+      return resumable, os.path.exists(os.path.join(run_dir, 'manifest.json'))
+
+    assert _on_processes(3, body, delays=delays) == [(False, True)] * 3
+  # Without the agreement, a late process meets what process 0 wrote (the failure of issue 20).
+  prepare_run_dir(str(tmp_path / 'plain'), {'task': 't'}, False, True)
+  with pytest.raises(RunDirectoryError, match='holds this run already'):
+    prepare_run_dir(str(tmp_path / 'plain'), {'task': 't'}, False, False)
+
+
+def test_agreement_a_check_that_fails_anywhere_fails_everywhere_with_its_error():
+  from jaxprompt.train.checkpointing import RunDirectoryError
+
+  def check(i):
+    if i >= 1:
+      raise RunDirectoryError(f'/runs/x: holds a different run (seen by process {i})')
+    return 'fine'
+
+  out = _on_processes(3, lambda p, i: p.each('check', lambda: check(i)), delays=[0.2, 0, 0.1])
+  assert all(type(e) is RunDirectoryError for e in out), out
+  assert [str(e) for e in out] == ['/runs/x: holds a different run (seen by process 1)'] * 3
+  # Process 0's own write failing: the others raise its error too, and nobody is left waiting.
+  out = _on_processes(2, lambda p, i: p.by_writer('write', lambda: open('/nonexistent/x/y', 'w')))
+  assert [type(e) for e in out] == [FileNotFoundError] * 2 and str(out[0]) == str(out[1])
+  # An error type this process does not know arrives as a RuntimeError with the same text.
+  from jaxprompt.train.agreement import _rebuild
+  e = _rebuild({'type': 'not_imported_module:Odd', 'args': [1, 2], 'message': 'one line'})
+  assert type(e) is RuntimeError and str(e) == 'one line'
+
+
+def test_agreement_shares_process_0s_verdict_and_names_a_disagreement():
+  from jaxprompt.train.agreement import DisagreementError
+  out = _on_processes(3, lambda p, i: p.by_writer('decide', lambda: {'resume_from': 40 + i},
+                                                  share=True))
+  assert out == [{'resume_from': 40}] * 3  # process 0's decision, on every process
+  out = _on_processes(2, lambda p, i: p.same('steps', lambda: [0, 3] if i == 0 else [0],
+                                             hint='share the storage'))
+  assert all(isinstance(e, DisagreementError) for e in out)
+  assert str(out[1]) == 'steps: process 0 of 2 sees [0, 3], process 1 sees [0]; share the storage'
+  # Processes that reach different calls are told so rather than mixing up verdicts.
+  out = _on_processes(2, lambda p, i: p.each('a' if i == 0 else 'b', lambda: i))
+  assert "process 1 of 2 is at 'b', process 0 at 'a'" in str(out[1])
+  # A process that never arrives: the others stop waiting with a line that names it.
+  out = _on_processes(2, lambda p, i: p.each('x', lambda: i) if i == 0 else None, wait_s=0.5)
+  assert str(out[0]) == ('x: process 1 of 2 did not get there within 0 s; is it stuck? (its log '
+                         'says where)')
+
+
+def test_agreement_on_one_process_just_runs_the_check():
+  from jaxprompt.train import agreement
+  assert agreement.processes().count == 1  # jax.distributed is not initialised in the tests
+  assert agreement.same('x', lambda: 3) == 3 and agreement.by_writer('y', lambda: 4) == 4
+  with pytest.raises(ValueError, match='bad'):
+    agreement.each('z', lambda: (_ for _ in ()).throw(ValueError('bad')))
+
+
+# ---------------------------------------------------------------------------------------------
+# Processes that arrive in any order (issue 20): random delays, 2 and 4 processes.
+
+def _scenario(tmp_path, count: int, launch_delays) -> tuple[dict, list[dict]]:
+  """The worker's SCENARIO on `count` processes (1 device each, process i launched after
+  launch_delays[i] s) and, at the same time, on 1 process with `count` devices (the reference)."""
+  seed = int.from_bytes(os.urandom(2), 'little')
+  print(f'scenario seed {seed}, launch delays {launch_delays}')  # shown when the test fails
+
+  def launch(name, env, *args):  # output to a file: a full pipe would stall the process
+    log = open(tmp_path / f'{name}.log', 'w')
+    return subprocess.Popen([sys.executable, WORKER, *map(str, args), '--scenario', str(seed)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT), log
+
+  runs = {'one': launch('one', _env(count), tmp_path / 'one', tmp_path / 'one', '-', 1, 0)}
+  address, start = f'127.0.0.1:{_free_port()}', time.monotonic()
+  for i in sorted(range(count), key=lambda i: launch_delays[i]):
+    time.sleep(max(0.0, start + launch_delays[i] - time.monotonic()))
+    runs[f'many{i}'] = launch(f'many{i}', _env(1), tmp_path / 'many', tmp_path / 'many',
+                              address, count, i)
+  try:
+    for name, (p, log) in runs.items():
+      p.wait(timeout=900)
+      log.close()
+      assert p.returncode == 0, f'{name}: ' + (tmp_path / f'{name}.log').read_text()[-3000:]
+  finally:
+    for p, _ in runs.values():
+      if p.poll() is None:
+        p.kill()
+        p.wait()
+  one = json.loads((tmp_path / 'one.0').read_text())
+  many = [json.loads((tmp_path / f'many.{i}').read_text()) for i in range(count)]
+  assert (one['processes'], one['devices']) == (1, count)
+  assert [(m['processes'], m['devices']) for m in many] == [(count, count)] * count
+  return one, many
+
+
+def _check_scenario(tmp_path, one: dict, many: list[dict]) -> None:
+  """Every run of the scenario ends on every process as on one process: the same error, or the
+  same steps, prompt and best metrics; the products exist on every process when its run
+  returns; each step has one metrics row."""
+  import multihost_worker
+  for k, (name, steps, resume) in enumerate(multihost_worker.SCENARIO):
+    want = one['runs'][k]
+    for i, m in enumerate(many):
+      got = m['runs'][k]
+      where = f'run {k} ({name}, {steps} steps, resume={resume}) on process {i}'
+      if 'error' in want:
+        assert got == want, where
+        continue
+      assert 'error' not in got, f'{where}: {got["error"]}'
+      assert got['step'] == want['step'] == steps, where
+      np.testing.assert_allclose(np.asarray(got['prompt']), np.asarray(want['prompt']),
+                                 atol=1e-5, err_msg=where)
+      assert got['best'] == pytest.approx(want['best'], abs=1e-4), where
+      assert got['products'] == [True, True], where
+      assert got['final_path'] == str(tmp_path / 'many' / name / 'prompt_final.safetensors')
+  assert 'holds this run already' in one['runs'][1]['error']
+  for name in ('a', 'b'):
+    steps = max(s for n, s, _ in multihost_worker.SCENARIO if n == name)
+    rows = [json.loads(line) for line in open(tmp_path / 'many' / name / 'metrics.jsonl')]
+    assert [r['step'] for r in rows if r['split'] == 'train'] == list(range(1, steps + 1))
+    assert [r['step'] for r in rows if r['split'] == 'eval'] == list(range(0, steps + 1, 3))
+
+
+@pytest.mark.slow
+def test_two_processes_started_in_reverse_order_with_random_delays(tmp_path):
+  """Process 1 first, process 0 (the coordinator) 0-10 s later; in each of the scenario's five
+  runs each process reaches the run directory's check 0-4 s late."""
+  one, many = _scenario(tmp_path, 2, [np.random.uniform(0, 10), 0.0])
+  _check_scenario(tmp_path, one, many)
+
+
+@pytest.mark.slow
+def test_four_processes_started_in_random_order_with_random_delays(tmp_path):
+  one, many = _scenario(tmp_path, 4, list(np.random.uniform(0, 10, 4)))
+  _check_scenario(tmp_path, one, many)

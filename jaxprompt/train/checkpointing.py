@@ -61,6 +61,23 @@ class RunLock:
     self._fd = fd
     return self
 
+  def check(self) -> None:
+    """Raises if another run holds the directory now; writes nothing (a probe: every process
+    of a run checks before process 0 acquires)."""
+    import fcntl
+    try:
+      fd = os.open(self.path, os.O_RDONLY)
+    except OSError:
+      return  # no lock file: nobody holds it (an unreadable one shows when it is acquired)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+      raise RunDirectoryError(f'{os.path.dirname(self.path)}: in use by {holder}; wait for that '
+                              'run to end, or give another --model_dir') from None
+    finally:
+      os.close(fd)  # drops the probe's lock
+
   def release(self) -> None:
     if self._fd is not None:
       os.close(self._fd)  # closing drops the flock; the file stays (harmless, stale)
@@ -108,6 +125,28 @@ def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = Tru
   except OSError as e:
     raise unwritable(model_dir, e) from None
   return False
+
+
+def check_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool,
+                  identity_keys: tuple[str, ...] = IDENTITY_KEYS) -> bool:
+  """May this run start in `model_dir`? Raises if not; returns True if it resumes. Writes
+  nothing: every process of a run checks before process 0 holds the directory (`hold_run_dir`)."""
+  resumable = prepare_run_dir(model_dir, manifest, resume, False, identity_keys)
+  RunLock(model_dir).check()
+  return resumable
+
+
+def hold_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool,
+                 identity_keys: tuple[str, ...] = IDENTITY_KEYS) -> RunLock:
+  """Takes the run's lock, then checks again under it and writes the manifest (process 0).
+  Returns the held lock; on an error nothing is held."""
+  lock = RunLock(model_dir).acquire()
+  try:
+    prepare_run_dir(model_dir, manifest, resume, True, identity_keys)
+  except BaseException:
+    lock.release()
+    raise
+  return lock
 
 
 def data_state_path(model_dir: str, step: int, process: int) -> str:

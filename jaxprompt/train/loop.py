@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import optax
 
+from jaxprompt.train import agreement
 from jaxprompt.train.checkpointing import (Checkpointer, checkpoint_storage_error,
                                           prune_data_states)
 from jaxprompt.train.summaries import MetricsLog, plot_run
@@ -128,6 +129,11 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
   best = Checkpointer(os.path.join(model_dir, 'best'), 1)
   log = MetricsLog(model_dir) if config.writer else None
   meta: dict[str, Any] = {'best_step': None, 'best_metrics': None, 'bad_evals': 0, 'evals': []}
+  # Every process has read the checkpoints (resume? which best?) before any process writes one,
+  # and they must have seen the same: all act on one decision, whatever order they came in.
+  agreement.same(f'{model_dir}: its checkpoints',
+                 lambda: dict(latest=checkpoints.latest_step(), best=best.all_steps()),
+                 hint=agreement.SHARED_STORAGE)
   if checkpoints.latest_step() is not None:
     state, meta = checkpoints.restore(state)
     print(f'resuming {model_dir} from step {int(state.step)}', file=sys.stderr)
