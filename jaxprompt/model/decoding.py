@@ -11,7 +11,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxprompt.model.network import Transformer
+from jaxprompt.model.network import Transformer, repeat_prefixes, split_prompt
 
 Array = jax.Array
 EOS_ID = 1
@@ -36,12 +36,14 @@ def init_cache(module: Transformer, params, encoded: Array, encoder_input_tokens
 
 
 def _step_logits(module, params, cache, encoded, encoder_input_tokens, token, max_decode_length,
-                 prompt_position):
-  """One cached decoder step: token [B, 1] -> (logits [B, V], new cache)."""
+                 prompt_position, prefixes=None):
+  """One cached decoder step: token [B, 1] -> (logits [B, V], new cache). `prefixes`: the
+  decoder's key/value prefixes, if the prompt has them (`network.PromptInputs`)."""
   logits, variables = module.apply(
       {'params': params, 'cache': cache}, encoded, encoder_input_tokens, token, token,
       enable_dropout=False, decode=True, max_decode_length=max_decode_length,
-      prompt_position=prompt_position, mutable=['cache'], method=Transformer.decode)
+      prompt_position=prompt_position, prefixes=prefixes, mutable=['cache'],
+      method=Transformer.decode)
   return logits[:, 0].astype(jnp.float32), variables['cache']
 
 
@@ -57,7 +59,7 @@ def greedy_decode(module: Transformer, params, encoder_input_tokens: Array,
     params: its params.
     encoder_input_tokens: [B, L] int.
     max_decode_length: output steps.
-    prompt: optional [P, d] or [B, P, d] prompt embeddings.
+    prompt: optional [P, d] or [B, P, d] prompt embeddings, or a `network.PromptInputs`.
     prompt_position: where the prompt goes (see `Transformer.encode`).
     eos_id: generation of a sequence stops after this token.
 
@@ -65,6 +67,7 @@ def greedy_decode(module: Transformer, params, encoder_input_tokens: Array,
     [B, max_decode_length] tokens, 0 after each sequence's EOS.
   """
   batch = encoder_input_tokens.shape[0]
+  prefixes = split_prompt(prompt)[1]
   encoded = _encode(module, params, encoder_input_tokens, prompt, prompt_position)
   cache = init_cache(module, params, encoded, encoder_input_tokens, max_decode_length,
                      prompt_position)
@@ -79,7 +82,7 @@ def greedy_decode(module: Transformer, params, encoder_input_tokens: Array,
   def body(state):
     i, token, cache, done, out = state
     logits, cache = _step_logits(module, params, cache, encoded, encoder_input_tokens, token,
-                                 max_decode_length, prompt_position)
+                                 max_decode_length, prompt_position, prefixes)
     nxt = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
     return i + 1, nxt[:, None], cache, done | (nxt == eos_id), out
@@ -124,6 +127,7 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   # Beams ride in the batch dimension: [B * k, ...].
   tile = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
   encoded, enc_tokens = tile(encoded), tile(encoder_input_tokens)
+  prefixes = repeat_prefixes(split_prompt(prompt)[1], k)
   cache = init_cache(module, params, encoded, enc_tokens, length, prompt_position)
 
   alive_seqs = jnp.zeros((batch, k, length), jnp.int32)
@@ -155,7 +159,7 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   def body(state):
     i, last, cache, alive_lp, alive_seqs, fin_scores, fin_seqs = state
     logits, cache = _step_logits(module, params, cache, encoded, enc_tokens, last, length,
-                                 prompt_position)
+                                 prompt_position, prefixes)
     vocab = logits.shape[-1]
     lp = jax.nn.log_softmax(logits).reshape(batch, k, vocab) + alive_lp[..., None]
     top_lp, top_idx = jax.lax.top_k(lp.reshape(batch, k * vocab), 2 * k)  # [B, 2k]
@@ -204,6 +208,7 @@ def rank_classify(module: Transformer, params, encoder_input_tokens: Array, labe
   decoder_inputs = jnp.pad(targets[:, :-1], ((0, 0), (1, 0)))
   logits = module.apply({'params': params}, encoded, enc_tokens, decoder_inputs, targets,
                         enable_dropout=False, prompt_position=prompt_position,
+                        prefixes=repeat_prefixes(split_prompt(prompt)[1], num_labels),
                         method=Transformer.decode)
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32))
   token_ll = jnp.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]

@@ -135,8 +135,11 @@ class RelativePositionBiases(nn.Module):
   embedding_init: Initializer = relpos_init
 
   @nn.compact
-  def __call__(self, qlen: int, klen: int, bidirectional: bool = True) -> Array:
-    context = np.arange(qlen, dtype=np.int32)[:, None]
+  def __call__(self, qlen: int, klen: int, bidirectional: bool = True,
+               query_offset: int = 0) -> Array:
+    """[1, heads, qlen, klen]. `query_offset`: query i sits at position i + offset among the keys
+    (P key/value prefixes come first: HF T5's `past_seen_tokens`)."""
+    context = np.arange(qlen, dtype=np.int32)[:, None] + query_offset
     memory = np.arange(klen, dtype=np.int32)[None, :]
     buckets = relative_position_bucket(memory - context, bidirectional, self.num_buckets,
                                        self.max_distance)  # [q, k], computed at trace time
@@ -198,6 +201,24 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
   return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
 
 
+def prepend_prefix(prefix: Array, key: Array, value: Array,
+                   mask: Array | None) -> tuple[Array, Array, Array | None]:
+  """Puts a [2, B or 1, H, P, k] key/value prefix in front of key and value [B, kv, H, k];
+  a [B, 1, q, kv] mask gets P leading ones (every query sees the prefix)."""
+  batch, length = key.shape[0], prefix.shape[-2]
+
+  def rows(x):  # [B or 1, H, P, k] -> [B, P, H, k]
+    x = jnp.swapaxes(x, -3, -2).astype(key.dtype)
+    return jnp.broadcast_to(x, (batch,) + x.shape[1:])
+
+  key = jnp.concatenate([rows(prefix[0]), key], axis=1)
+  value = jnp.concatenate([rows(prefix[1]), value], axis=1)
+  if mask is not None:
+    ones = jnp.ones(mask.shape[:-1] + (length,), mask.dtype)
+    mask = jnp.concatenate([ones, mask], axis=-1)
+  return key, value, mask
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """T5X attention: query/key/value/out kernels, optional autoregressive key/value cache."""
 
@@ -211,7 +232,10 @@ class MultiHeadDotProductAttention(nn.Module):
   @nn.compact
   def __call__(self, inputs_q: Array, inputs_kv: Array, mask: Array | None = None,
                bias: Array | None = None, *, decode: bool = False,
-               deterministic: bool = False) -> Array:
+               deterministic: bool = False, prefix: Array | None = None) -> Array:
+    """`prefix`: optional [2, B or 1, H, P, k] key and value rows put in front of the keys and
+    values (prefix tuning); every query sees them, so `mask` gets ones there, and `bias`, if
+    given, must already span the P + kv keys."""
     depth_scaling = jnp.sqrt(self.head_dim).astype(jnp.float32)
 
     def query_init(*args):
@@ -249,6 +273,8 @@ class MultiHeadDotProductAttention(nn.Module):
         if bias is not None:
           bias = jax.lax.dynamic_slice_in_dim(bias, cur, 1, axis=-2)
 
+    if prefix is not None:
+      key, value, mask = prepend_prefix(prefix, key, value, mask)
     attention_bias = combine_biases(mask_to_bias(mask, self.dtype), bias)
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.:

@@ -4,12 +4,22 @@ The one seam for prompts: `encode` (and `__call__`) take optional prompt
 embeddings `[P, d]` or `[B, P, d]` that are inserted into the embedded input
 before input dropout, at `prompt_position` (0 = prefix). The encoder mask gets
 ones at the prompt positions, so prompt and text attend to each other fully, and
-the decoder cross-attends to them. Nothing else here knows about prompts.
+the decoder cross-attends to them.
+
+The same argument may instead be a `PromptInputs(prompt, prefixes)`: `prefixes` are per-layer
+key/value prefixes (prefix tuning, P-tuning v2), a dict with any of
+  'encoder'  [Le, 2, B or 1, H, P, k]  encoder self-attention,
+  'decoder'  [Ld, 2, B or 1, H, P, k]  decoder self-attention,
+  'cross'    [Ld, 2, B or 1, H, P, k]  decoder cross-attention (keys/values over the encoding),
+(layer, key/value, batch, heads, positions, head_dim: HF's past_key_values layout stacked on
+layers). Every query sees the prefixes; in self-attention they sit before the text for the
+relative position bias (HF T5 computes the bias of P past keys so: query i at position P + i),
+cross-attention has no position bias. Nothing else here knows about prompts.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +31,51 @@ from jaxprompt.model.config import T5Config
 
 Array = jax.Array
 SCAN_AXIS = 'layers'  # the logical axis (and param name) of a scanned stack, as in T5X
+
+
+PREFIX_SITES = ('encoder', 'decoder', 'cross')
+
+
+class PromptInputs(NamedTuple):
+  """What a method hands the model besides params: an input prompt and/or per-layer key/value
+  prefixes (see the module docstring). A pytree, so it travels through jit like an array."""
+
+  prompt: Array | None = None
+  prefixes: dict[str, Array] | None = None
+
+
+def split_prompt(prompt) -> tuple[Array | None, dict[str, Array] | None]:
+  """(prompt array or None, prefixes or None) of what `Transformer` takes as `prompt`."""
+  if isinstance(prompt, PromptInputs):
+    return prompt.prompt, prompt.prefixes or None
+  return prompt, None
+
+
+def repeat_prefixes(prefixes: dict[str, Array] | None, repeats: int):
+  """Prefixes for a batch whose rows were each repeated `repeats` times (beams, labels)."""
+  if not prefixes:
+    return prefixes
+  return {site: x if x.shape[2] == 1 else jnp.repeat(x, repeats, axis=2)
+          for site, x in prefixes.items()}
+
+
+def check_prefixes(prefixes: dict[str, Array] | None, config: T5Config) -> None:
+  if not prefixes:
+    return
+  unknown = sorted(set(prefixes) - set(PREFIX_SITES))
+  if unknown:
+    raise ValueError(f'prefixes for {unknown}: the sites are {", ".join(PREFIX_SITES)}')
+  for site, x in prefixes.items():
+    layers_ = config.num_encoder_layers if site == 'encoder' else config.num_decoder_layers
+    if x.ndim != 6 or x.shape[0] != layers_ or x.shape[1] != 2 or x.shape[3:4] != (
+        config.num_heads,) or x.shape[5] != config.head_dim:
+      raise ValueError(f'{site} prefixes of shape {tuple(x.shape)}: expected [{layers_}, 2, B or '
+                       f'1, {config.num_heads}, P, {config.head_dim}] (layers, key/value, batch, '
+                       'heads, positions, head_dim)')
+
+
+def _layer(prefixes, i: int):
+  return None if prefixes is None else jax.tree_util.tree_map(lambda x: x[i], prefixes)
 
 
 def _dtype(config: T5Config):
@@ -39,13 +94,14 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array, encoder_bias: Array, encoder_mask: Array | None = None,
-               deterministic: bool = False):
+               deterministic: bool = False, prefix: Array | None = None):
     cfg, dtype = self.config, _dtype(self.config)
     x = layers.LayerNorm(dtype=dtype, name='pre_attention_layer_norm')(inputs)
     x = layers.MultiHeadDotProductAttention(
         num_heads=cfg.num_heads, head_dim=cfg.head_dim, dtype=dtype,
         dropout_rate=cfg.dropout_rate, float32_logits=cfg.float32_attention_logits,
-        name='attention')(x, x, encoder_mask, encoder_bias, deterministic=deterministic)
+        name='attention')(x, x, encoder_mask, encoder_bias, deterministic=deterministic,
+                          prefix=prefix)
     x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     x = x + inputs
     y = layers.LayerNorm(dtype=dtype, name='pre_mlp_layer_norm')(x)
@@ -66,8 +122,11 @@ class DecoderLayer(nn.Module):
   @nn.compact
   def __call__(self, inputs: Array, encoded: Array, decoder_bias: Array,
                decoder_mask: Array | None = None, encoder_decoder_mask: Array | None = None,
-               deterministic: bool = False, decode: bool = False):
+               deterministic: bool = False, decode: bool = False,
+               prefixes: dict[str, Array] | None = None):
+    """`prefixes`: this layer's {'decoder': [2, B|1, H, P, k], 'cross': ...} (either optional)."""
     cfg, dtype = self.config, _dtype(self.config)
+    prefixes = prefixes or {}
 
     def attention(name):
       return layers.MultiHeadDotProductAttention(
@@ -80,11 +139,13 @@ class DecoderLayer(nn.Module):
 
     x = layers.LayerNorm(dtype=dtype, name='pre_self_attention_layer_norm')(inputs)
     x = attention('self_attention')(x, x, decoder_mask, decoder_bias,
-                                    deterministic=deterministic, decode=decode)
+                                    deterministic=deterministic, decode=decode,
+                                    prefix=prefixes.get('decoder'))
     x = dropout(x) + inputs
     y = layers.LayerNorm(dtype=dtype, name='pre_cross_attention_layer_norm')(x)
     y = attention('encoder_decoder_attention')(y, encoded, encoder_decoder_mask,
-                                               deterministic=deterministic)
+                                               deterministic=deterministic,
+                                               prefix=prefixes.get('cross'))
     y = dropout(y) + x
     z = layers.LayerNorm(dtype=dtype, name='pre_mlp_layer_norm')(y)
     z = layers.MlpBlock(intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
@@ -114,7 +175,8 @@ def _stack_of(layer: type[nn.Module], count: int, remat_policy: str, scan_layers
   """The layer class a stack instantiates: rematerialised and/or scanned as asked.
 
   `static_argnums` count `self` as 0 (flax's convention) and name the Python bools; scanned,
-  the carry is the first argument and the `num_broadcast` others are the same for every layer.
+  the carry is the first argument, the `num_broadcast` others are the same for every layer and
+  the last (the layers' prefixes, or None) is sliced along its leading layer axis.
   """
   if remat_policy != 'none':
     layer = nn.remat(layer, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan_layers,
@@ -122,7 +184,8 @@ def _stack_of(layer: type[nn.Module], count: int, remat_policy: str, scan_layers
   if scan_layers:
     layer = nn_partitioning.scan_with_axes(
         layer, variable_axes={'params': 0, 'cache': 0, 'intermediates': 0},
-        split_rngs={'params': True, 'dropout': True}, in_axes=(nn.broadcast,) * num_broadcast,
+        split_rngs={'params': True, 'dropout': True},
+        in_axes=(nn.broadcast,) * num_broadcast + (0,),
         length=count, axis_name=SCAN_AXIS)
   return layer
 
@@ -136,7 +199,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, encoder_input_tokens: Array, encoder_mask: Array | None = None,
                deterministic: bool = False, prompt: Array | None = None,
-               prompt_position: int = 0) -> Array:
+               prompt_position: int = 0, prefixes: Array | None = None) -> Array:
+    """`prefixes`: optional [layers, 2, B or 1, H, P, k] self-attention key/value prefixes."""
     cfg, dtype = self.config, _dtype(self.config)
     relpos = layers.RelativePositionBiases(num_buckets=32, max_distance=128,
                                            num_heads=cfg.num_heads, dtype=dtype,
@@ -147,14 +211,17 @@ class Encoder(nn.Module):
     x = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(x, deterministic=deterministic)
     x = x.astype(dtype)
     length = x.shape[-2]
-    bias = relpos(length, length, True)  # [1, H, L, L], shared by every layer
+    extra = 0 if prefixes is None else prefixes.shape[-2]
+    bias = relpos(length, extra + length, True, extra)  # [1, H, L, P + L], shared by every layer
     layer = _stack_of(EncoderLayer, cfg.num_encoder_layers, self.remat_policy, self.scan_layers,
                       static_argnums=(4,), num_broadcast=3)
     if self.scan_layers:
-      x, _ = layer(cfg, scanned=True, name=SCAN_AXIS)(x, bias, encoder_mask, deterministic)
+      x, _ = layer(cfg, scanned=True, name=SCAN_AXIS)(x, bias, encoder_mask, deterministic,
+                                                      prefixes)
     else:
       for i in range(cfg.num_encoder_layers):
-        x = layer(cfg, name=f'layers_{i}')(x, bias, encoder_mask, deterministic)
+        x = layer(cfg, name=f'layers_{i}')(x, bias, encoder_mask, deterministic,
+                                           _layer(prefixes, i))
     x = layers.LayerNorm(dtype=dtype, name='encoder_norm')(x)
     return nn.Dropout(rate=cfg.dropout_rate)(x, deterministic=deterministic)
 
@@ -169,7 +236,9 @@ class Decoder(nn.Module):
   def __call__(self, encoded: Array, decoder_input_tokens: Array,
                decoder_mask: Array | None = None, encoder_decoder_mask: Array | None = None,
                deterministic: bool = False, decode: bool = False,
-               max_decode_length: int | None = None) -> Array:
+               max_decode_length: int | None = None,
+               prefixes: dict[str, Array] | None = None) -> Array:
+    """`prefixes`: optional {'decoder': [layers, 2, B|1, H, P, k], 'cross': ...}."""
     cfg, dtype = self.config, _dtype(self.config)
     relpos = layers.RelativePositionBiases(num_buckets=32, max_distance=128,
                                            num_heads=cfg.num_heads, dtype=dtype,
@@ -178,15 +247,17 @@ class Decoder(nn.Module):
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     y = y.astype(dtype)
     length = max_decode_length if decode and max_decode_length else y.shape[-2]
-    bias = relpos(length, length, False)  # causal buckets; a cached step picks its row
+    prefixes = prefixes or None
+    extra = 0 if prefixes is None or 'decoder' not in prefixes else prefixes['decoder'].shape[-2]
+    bias = relpos(length, extra + length, False, extra)  # causal; a cached step picks its row
     layer = _stack_of(DecoderLayer, cfg.num_decoder_layers, self.remat_policy, self.scan_layers,
                       static_argnums=(6, 7), num_broadcast=6)
     args = (encoded, bias, decoder_mask, encoder_decoder_mask, deterministic, decode)
     if self.scan_layers:
-      y, _ = layer(cfg, scanned=True, name=SCAN_AXIS)(y, *args)
+      y, _ = layer(cfg, scanned=True, name=SCAN_AXIS)(y, *args, prefixes)
     else:
       for i in range(cfg.num_decoder_layers):
-        y = layer(cfg, name=f'layers_{i}')(y, *args)
+        y = layer(cfg, name=f'layers_{i}')(y, *args, _layer(prefixes, i))
     y = layers.LayerNorm(dtype=dtype, name='decoder_norm')(y)
     y = nn.Dropout(rate=cfg.dropout_rate, broadcast_dims=(-2,))(y, deterministic=deterministic)
     if cfg.logits_via_embedding:
@@ -249,10 +320,13 @@ class Transformer(nn.Module):
     self.decoder = Decoder(cfg, **stack)
 
   def encode(self, encoder_input_tokens: Array, encoder_segment_ids: Array | None = None,
-             enable_dropout: bool = True, prompt: Array | None = None,
+             enable_dropout: bool = True, prompt: Array | PromptInputs | None = None,
              prompt_position: int = 0) -> Array:
-    """[B, L] tokens (+ optional prompt [P, d] / [B, P, d]) -> [B, P + L, d]."""
+    """[B, L] tokens (+ optional prompt [P, d] / [B, P, d]) -> [B, P + L, d]; a `PromptInputs`
+    also gives the encoder its self-attention prefixes."""
     dtype = _dtype(self.config)
+    prompt, prefixes = split_prompt(prompt)
+    check_prefixes(prefixes, self.config)
     prompt_length = 0 if prompt is None else prompt.shape[-2]
     if prompt_length and encoder_segment_ids is not None:
       raise ValueError('packed inputs (encoder_segment_ids) cannot be combined with a prompt; '
@@ -263,16 +337,21 @@ class Transformer(nn.Module):
       mask = layers.combine_masks(mask, layers.make_attention_mask(
           encoder_segment_ids, encoder_segment_ids, jnp.equal, dtype=dtype), dtype=dtype)
     return self.encoder(encoder_input_tokens, mask, deterministic=not enable_dropout,
-                        prompt=prompt, prompt_position=prompt_position)
+                        prompt=prompt, prompt_position=prompt_position,
+                        prefixes=(prefixes or {}).get('encoder'))
 
   def decode(self, encoded: Array, encoder_input_tokens: Array, decoder_input_tokens: Array,
              decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
              decoder_segment_ids: Array | None = None, decoder_positions: Array | None = None,
              enable_dropout: bool = True, decode: bool = False,
-             max_decode_length: int | None = None, prompt_position: int = 0) -> Array:
-    """Decoder logits [B, Ld, V]; the prompt length is read off `encoded`'s length."""
+             max_decode_length: int | None = None, prompt_position: int = 0,
+             prefixes: dict[str, Array] | None = None) -> Array:
+    """Decoder logits [B, Ld, V]; the prompt length is read off `encoded`'s length.
+    `prefixes`: per-layer key/value prefixes (the 'decoder' and 'cross' ones are used here)."""
     del decoder_positions  # T5 positions are relative; kept for T5X's signature.
     dtype = _dtype(self.config)
+    check_prefixes(prefixes, self.config)
+    prefixes = {k: v for k, v in (prefixes or {}).items() if k != 'encoder'} or None
     prompt_length = encoded.shape[1] - encoder_input_tokens.shape[1]
     input_mask = encoder_input_mask(encoder_input_tokens, prompt_length, prompt_position)
     if decode:
@@ -293,14 +372,14 @@ class Transformer(nn.Module):
     return self.decoder(encoded, decoder_input_tokens, decoder_mask=decoder_mask,
                         encoder_decoder_mask=encoder_decoder_mask,
                         deterministic=not enable_dropout, decode=decode,
-                        max_decode_length=max_decode_length)
+                        max_decode_length=max_decode_length, prefixes=prefixes)
 
   def __call__(self, encoder_input_tokens: Array, decoder_input_tokens: Array,
                decoder_target_tokens: Array, encoder_segment_ids: Array | None = None,
                decoder_segment_ids: Array | None = None, encoder_positions: Array | None = None,
                decoder_positions: Array | None = None, *, enable_dropout: bool = True,
                decode: bool = False, max_decode_length: int | None = None,
-               prompt: Array | None = None, prompt_position: int = 0) -> Array:
+               prompt: Array | PromptInputs | None = None, prompt_position: int = 0) -> Array:
     """Teacher-forced logits [B, Ld, V] (float32 for untied T5.1.1 heads)."""
     del encoder_positions
     encoded = self.encode(encoder_input_tokens, encoder_segment_ids, enable_dropout, prompt,
@@ -308,7 +387,7 @@ class Transformer(nn.Module):
     return self.decode(encoded, encoder_input_tokens, decoder_input_tokens,
                        decoder_target_tokens, encoder_segment_ids, decoder_segment_ids,
                        decoder_positions, enable_dropout, decode, max_decode_length,
-                       prompt_position)
+                       prompt_position, split_prompt(prompt)[1])
 
 
 def make_decoder_mask(decoder_target_tokens: Array, dtype, decoder_segment_ids=None) -> Array:
