@@ -21,6 +21,7 @@ import sys
 from typing import Any, Sequence
 
 from jaxprompt import host
+from jaxprompt import lab  # noqa: F401 - registers the backbone name 'lab' and the lab's tasks
 
 # Flags that set a gin macro of the run files (T5X conventions); every other RunConfig field
 # (and every registered method's own option) is a flag --NAME that binds `tune.NAME`.
@@ -87,21 +88,8 @@ def _binding(name: str, value: str) -> str:
   return f'{name} = {_literal(value)}'
 
 
-GIN_DIR = os.path.join(os.path.dirname(__file__), 'gin')
-
-
-def resolve_gin_file(name: str) -> str:
-  """A gin file given as a path, else one shipped in the package (`runs/prompt_tune.gin`), as
-  an absolute path: gin is never asked to search (its resource lookup imports folders of the
-  working directory as packages)."""
-  for candidate in (name, os.path.join(GIN_DIR, name)):
-    if os.path.isfile(candidate):
-      return os.path.abspath(candidate)
-  shipped = sorted(os.path.relpath(os.path.join(d, f), GIN_DIR)
-                   for d, _, fs in os.walk(GIN_DIR) for f in fs if f.endswith('.gin'))
-  close = difflib.get_close_matches(name, shipped, n=3, cutoff=0.5)
-  hint = f'; did you mean {", ".join(close)}?' if close else f' (shipped: {GIN_DIR})'
-  raise UsageError(f'--gin_file {name}: no such file here or among the shipped gin files{hint}')
+# The shipped gin files, and a gin file by path or shipped name (its home is the config).
+from jaxprompt.config import GIN_DIR, resolve_gin_file  # noqa: E402,F401 - re-exported
 
 
 _MACRO_DEFINITION = re.compile(r'^([A-Z][A-Z0-9_]*)\s*=', re.M)
@@ -161,9 +149,10 @@ def _register_configurables() -> None:
   _guard_gin_package_lookup()
 
   from jaxprompt import tuning
+  from jaxprompt.data import setup_tasks as data_setup_tasks
   from jaxprompt.model.config import T5Config
   from jaxprompt.train import partitioning
-  for name, fn in (('tune', tuning.tune), ('setup_tasks', setup_tasks),
+  for name, fn in (('tune', tuning.tune), ('setup_tasks', data_setup_tasks),
                    ('network.T5Config', T5Config),
                    # T5X's spelling of the mesh and axis rules (`partitioning.t5x_gin_options`)
                    ('partitioning.PjitPartitioner', partitioning.pjit_partitioner),
@@ -203,21 +192,11 @@ def _gin_error(e: Exception) -> UsageError:
   return UsageError('gin: ' + _one_line(e))
 
 
-def setup_tasks(vocabulary: str | None = None, train_file: str | None = None,
-                validation_file: str | None = None, task_name: str = 'user_task',
-                input_column: str = 'input', target_column: str = 'target',
-                label_column: str | None = None, label_names: Sequence[str] | None = None):
-  """Registers the TFDS tasks, the lab tasks and (optionally) a task from the user's files."""
-  from jaxprompt.data import tasks, vocab as vocab_lib
-  from jaxprompt.lab import register_lab_tasks
-  vocab = vocab_lib.get_vocabulary(vocabulary) if vocabulary else None
-  tasks.register_tasks(vocab)
-  register_lab_tasks()
-  if train_file:
-    from jaxprompt.data.files import register_file_task
-    register_file_task(task_name, train_file, validation_file, input_column=input_column,
-                       target_column=target_column, label_column=label_column,
-                       label_names=list(label_names) if label_names else None, vocabulary=vocab)
+def setup_tasks(*args, **kwargs):
+  """`jaxprompt.data.setup_tasks` (gin's `setup_tasks`): the TFDS tasks, the lab's (imported
+  with the CLI) and, optionally, a task from the user's files."""
+  from jaxprompt.data import setup_tasks as data_setup_tasks
+  return data_setup_tasks(*args, **kwargs)
 
 
 def _run_flag_names() -> dict[str, str]:
@@ -343,7 +322,7 @@ def _export_command(args) -> int:
   from jaxprompt.checkpoints.peft import export_peft
   out = export_peft(args.prompt, args.out, base_model_name_or_path=args.base_model,
                     overwrite=args.overwrite)
-  print(f'PEFT prompt-tuning adapter: {out}')
+  print(f'PEFT adapter: {out}')
   return 0
 
 

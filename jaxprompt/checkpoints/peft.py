@@ -119,17 +119,16 @@ def export_peft(prompt: str | PromptFile, out_dir: str, *,
   Returns:
     `out_dir`.
   """
-  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   where = prompt if isinstance(prompt, str) else 'prompt'
   pf = read_prompt(prompt) if isinstance(prompt, str) else prompt
+  if pf.metadata.get('method') == 'prefix_tuning':
+    return export_prefix_peft(pf, out_dir, base_model_name_or_path=base_model_name_or_path,
+                              overwrite=overwrite, where=where)
   if pf.value.ndim != 2:
     raise ValueError(f'{where}: holds a stack of {pf.value.shape[0]} prompts '
                      f'{tuple(pf.value.shape)}; a PEFT adapter holds one [P, d] prompt, export '
                      'each task prompt separately')
-  if os.path.exists(out_dir) and not overwrite and (
-      not os.path.isdir(out_dir) or os.listdir(out_dir)):
-    raise FileExistsError(f'{out_dir}: already exists and is not empty; choose another directory '
-                          'or pass overwrite=True')
+  _check_out_dir(out_dir, overwrite)
   position = pf.metadata.get('position', 'prefix')
   if position != 'prefix':
     warnings.warn(f'{where}: trained at position {position!r}, but PEFT puts the prompt in '
@@ -147,7 +146,21 @@ def export_peft(prompt: str | PromptFile, out_dir: str, *,
   meta = {k: v for k, v in pf.metadata.items() if k not in _DERIVED}
   if pf.token_mask is not None or pf.piece_mask is not None:
     meta['masks_applied'] = True
+  return _write_adapter(out_dir, config, value, meta, _model_card(base, length, width))
 
+
+def _check_out_dir(out_dir: str, overwrite: bool) -> None:
+  if os.path.exists(out_dir) and not overwrite and (
+      not os.path.isdir(out_dir) or os.listdir(out_dir)):
+    raise FileExistsError(f'{out_dir}: already exists and is not empty; choose another directory '
+                          'or pass overwrite=True')
+
+
+def _write_adapter(out_dir: str, config: dict[str, Any], value: np.ndarray, meta: dict[str, Any],
+                   card: str) -> str:
+  """Writes config + `prompt_embeddings` + model card to a temporary directory beside `out_dir`,
+  then renames it into place (an old `out_dir` is replaced only once the new one is complete)."""
+  from safetensors.numpy import save_file  # pylint: disable=g-import-not-at-top
   out_dir = out_dir.rstrip(os.sep) or out_dir
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
@@ -159,7 +172,7 @@ def export_peft(prompt: str | PromptFile, out_dir: str, *,
     save_file({TENSOR_NAME: value}, os.path.join(tmp, WEIGHTS_NAME),
               metadata={'format': 'pt', _METADATA_KEY: json.dumps(meta, default=_jsonable)})
     with open(os.path.join(tmp, 'README.md'), 'w') as f:
-      f.write(_model_card(base, length, width))
+      f.write(card)
     os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
     if os.path.isdir(out_dir) and not os.listdir(out_dir):
       os.rmdir(out_dir)
@@ -176,6 +189,76 @@ def export_peft(prompt: str | PromptFile, out_dir: str, *,
   if old is not None:
     shutil.rmtree(old, ignore_errors=True)
   return out_dir
+
+
+def prefix_config_dict(length: int, meta: dict[str, Any],
+                       base_model_name_or_path: str | None) -> dict[str, Any]:
+  """The `adapter_config.json` of a prefix (PEFT's PrefixTuningConfig fields) with every size
+  explicit: PEFT's defaults (token_dim = d_model, num_layers = encoder depth) do not fit every
+  T5. The rows are the trained prefix itself, so no projection MLP (PEFT saves a projected
+  prefix the same way) and num_transformer_submodules=2 (seq2seq: PEFT's T5 layout)."""
+  config = {
+      'auto_mapping': None,
+      'base_model_name_or_path': base_model_name_or_path,
+      'encoder_hidden_size': int(meta['num_heads'] * meta['head_dim']),
+      'inference_mode': True,
+      'init_weights': None,
+      'modules_to_save': None,
+      'num_attention_heads': int(meta['num_heads']),
+      'num_layers': max(int(meta['encoder_layers']), int(meta['decoder_layers'])),
+      'num_transformer_submodules': 2,
+      'num_virtual_tokens': int(length),
+      'peft_type': 'PREFIX_TUNING',
+      'prefix_projection': False,
+      'revision': None,
+      'task_type': TASK_TYPE,
+      'token_dim': int(meta['num_heads'] * meta['head_dim']),
+  }
+  version = _peft_version()
+  if version:
+    config['peft_version'] = version
+  return config
+
+
+def export_prefix_peft(pf: PromptFile, out_dir: str, *, base_model_name_or_path: str | None = None,
+                       overwrite: bool = False, where: str = 'prefix') -> str:
+  """Writes a PEFT PREFIX_TUNING adapter from a `prefix_tuning` product (layout 'peft': the
+  [P, 2n * heads * head_dim] rows PEFT's T5 reads, see jaxprompt/methods/prefix_tuning.py)."""
+  meta = dict(pf.metadata)
+  if meta.get('prefix_layout') != 'peft':
+    raise ValueError(f'{where}: a prefix of layout {meta.get("prefix_layout")!r}; PEFT\'s T5 '
+                     'prefix tuning only reads layout peft (decoder self-attention): train with '
+                     '--prefix_layout peft to export')
+  missing = [k for k in ('num_heads', 'head_dim', 'encoder_layers', 'decoder_layers')
+             if k not in meta]
+  if missing:
+    raise ValueError(f'{where}: prefix metadata lacks {", ".join(missing)}; not a jaxprompt '
+                     'prefix_tuning product')
+  _check_out_dir(out_dir, overwrite)
+  length = int(pf.value.shape[0])
+  base = base_model_name_or_path or meta.get('backbone')
+  base = None if base is None else str(base)
+  config = prefix_config_dict(length, meta, base)
+  width = config['num_layers'] * 2 * config['token_dim']
+  if pf.value.ndim != 2 or pf.value.shape[1] != width:
+    raise ValueError(f'{where}: prefix rows of shape {tuple(pf.value.shape)}, but its metadata '
+                     f'says [{length}, {width}]')
+  _, num_heads, _ = _backbone_sizes(base)
+  if num_heads is not None and num_heads != config['num_attention_heads']:
+    raise ValueError(f'{where}: a prefix for {config["num_attention_heads"]} heads, but the '
+                     f'base model {base} has {num_heads}; pass the backbone it was trained for '
+                     'as base_model_name_or_path')
+  meta = {k: v for k, v in meta.items() if k not in _DERIVED}
+  return _write_adapter(out_dir, config, np.ascontiguousarray(pf.value, np.float32), meta,
+                        _prefix_card(base, length))
+
+
+def _prefix_card(base: str | None, length: int) -> str:
+  front = f'base_model: {base}\n' if base else ''
+  return (f'---\n{front}library_name: peft\ntags:\n- prefix-tuning\n- jaxprompt\n---\n\n'
+          f'# Prefix ({length} virtual tokens)\n\nExported by jaxprompt. Load with\n'
+          '`peft.PeftModel.from_pretrained(base_model, this_directory)`; the keys and values go '
+          'in front of the decoder self-attention, as PEFT\'s prefix tuning does on T5.\n')
 
 
 
