@@ -67,7 +67,9 @@ def main(root: str, out: str, coordinator: str | None, num_processes: int, proce
     if coordinator:
       _delay_run_dir_check(draw.uniform(0, MAX_DELAY_S))
     try:
+      t0 = time.process_time()
       r, prompt = one_run(name, steps, resume)
+      print(f'run {k}: {time.process_time() - t0:.1f} s of CPU', file=sys.stderr)
     except Exception as e:  # noqa: BLE001 - the test compares every process's error
       records.append({'error': f'{type(e).__name__}: {e}'.replace(root, 'ROOT')})
       continue
@@ -76,6 +78,9 @@ def main(root: str, out: str, coordinator: str | None, num_processes: int, proce
                                                                        'prompt_final.safetensors')]
     records.append({'step': r.step, 'prompt': prompt, 'best': r.best_metrics,
                     'products': products, 'final_path': r.prompt_path})
+  import resource
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  print(f'process {process_id}: {usage.ru_utime + usage.ru_stime:.1f} s of CPU', file=sys.stderr)
   with open(f'{out}.{process_id}', 'w') as f:
     json.dump({'processes': jax.process_count(), 'devices': jax.device_count(),
                'runs': records}, f)

@@ -26,6 +26,7 @@ def _env(devices: int) -> dict:
               TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_with_two_devices(tmp_path):
   one = tmp_path / 'one'
   subprocess.run([sys.executable, WORKER, str(one), str(tmp_path / 'one.json'), '-', '1', '0'],
@@ -50,6 +51,7 @@ def test_two_processes_equal_one_process_with_two_devices(tmp_path):
       'process_1.index']
 
 
+@pytest.mark.slow
 def test_a_lost_process_stops_the_others_with_one_line_and_the_run_resumes(tmp_path):
   """kill -9 of process 1 during training: process 0 exits within 60 s, its last line names the
   lost process; restarting both processes resumes from the last checkpoint and finishes."""
@@ -135,7 +137,7 @@ def test_agreement_checks_everywhere_before_process_0_writes_whatever_the_order(
   """The race of issue 20 in miniature: a check of "is it written?" made by every process, then
   a write by process 0. Late processes (any order) still see the directory as it was."""
   from jaxprompt.train.checkpointing import RunDirectoryError, prepare_run_dir
-  for delays in ([0, 0.3, 0.6], [0.6, 0.3, 0], [0.3, 0, 0.6]):
+  for delays in ([0, 0.1, 0.2], [0.2, 0.1, 0], [0.1, 0, 0.2]):
     run_dir = str(tmp_path / f'run{delays}')
 
     def body(p, i):
@@ -273,3 +275,23 @@ def test_two_processes_started_in_reverse_order_with_random_delays(tmp_path):
 def test_four_processes_started_in_random_order_with_random_delays(tmp_path):
   one, many = _scenario(tmp_path, 4, list(np.random.uniform(0, 10, 4)))
   _check_scenario(tmp_path, one, many)
+
+
+def test_the_run_directory_is_checked_without_writing_anything(tmp_path):
+  """What every process checks before process 0 holds the directory: another run's lock is
+  seen, and the check leaves a fresh directory as it was (nothing created)."""
+  from jaxprompt.train import checkpointing
+  m = {'method': 'prompt_tuning', 'backbone': 'x', 'task': 't', 'seed': 0, 'batch_size': 8}
+  fresh = tmp_path / 'fresh'
+  assert checkpointing.check_run_dir(str(fresh), m, resume=False) is False
+  assert not fresh.exists()
+  held = str(tmp_path / 'held')
+  lock = checkpointing.hold_run_dir(held, m, resume=False)
+  try:
+    with pytest.raises(checkpointing.RunDirectoryError, match='in use by host'):
+      checkpointing.check_run_dir(held, m, resume=True)
+  finally:
+    lock.release()
+  assert checkpointing.check_run_dir(held, m, resume=True) is True
+  with pytest.raises(checkpointing.RunDirectoryError, match='holds this run already'):
+    checkpointing.check_run_dir(held, m, resume=False)

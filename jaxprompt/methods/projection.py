@@ -43,6 +43,7 @@ import optax
 from jaxprompt.config import ConfigError
 from jaxprompt.methods import Command, register
 from jaxprompt.methods.base import Context, Method
+from jaxprompt.train import agreement
 
 PROJECTOR_FORMAT = 'jaxprompt.projector/1'
 ACTIVATIONS = ('tanh', 'leaky_relu')
@@ -459,14 +460,17 @@ def train_task_objective(tasks: Sequence[str], source_library: str, target_backb
                 train_steps=steps, batch_size=batch_size, eval_period=eval_period or steps,
                 learning_rate=learning_rate, **options)
   if result.best_prompt_path:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    shutil.copyfile(result.best_prompt_path, out + '.tmp')
-    os.replace(out + '.tmp', out)
+    def copy() -> None:
+      os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+      shutil.copyfile(result.best_prompt_path, out + '.tmp')
+      os.replace(out + '.tmp', out)
+
+    agreement.by_writer(f'{out}: copy the best projector', copy)  # one writer; all wait
   return result
 
 
 def _train_command(args) -> int:
-  from jaxprompt.cli import setup_tasks
+  from jaxprompt.data import setup_tasks
   from jaxprompt.methods import library as lib
   if os.path.exists(args.out) and not args.overwrite:
     raise ProjectionError(f'{args.out}: already exists; choose another --out or pass --overwrite')

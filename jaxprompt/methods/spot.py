@@ -43,6 +43,7 @@ from jaxprompt.methods.library import (DEFAULT_SIMILARITY, SIMILARITIES, Library
                                        cosine_average_tokens, per_token_average_cosine, rank,
                                        similarity_matrix)
 from jaxprompt.methods.prompt_stack import PromptStack
+from jaxprompt.train import agreement
 
 PAPER_SOURCE_STEPS = 2 ** 18  # 262,144
 PAPER_EMBEDDING_STEPS = 10_000
@@ -233,19 +234,25 @@ def train_sources(tasks: Sequence[str], library: str, backbone, model_dir: str, 
   if result.best_step is not None:
     evals = per_task_evals(model_dir, members)
     macro = {t: _primary(m) for t in members for s, m in evals[t] if s == result.best_step}
-  out = {}
-  for task in members:
-    r = rows[task]
-    entry = lib.add(library, r['value'], task=task, embedding=embeddings.get(task),
-                    embedding_steps=embedding_steps if task in embeddings else None,
-                    replace=replace, backbone=bb, metadata=dict(
-                        steps=r['step'], seed=options.get('seed', 0), metrics=r['metrics'],
-                        init=prompt_init, source_run=os.path.abspath(model_dir),
-                        method='prompt_stack', mixture=name, train_steps=train_steps,
-                        batch_size=batch_size, position=options.get('prompt_position',
-                                                                     'prefix')))
-    out[task] = dict(step=r['step'], score=round(r['score'], 4), file=entry['path'],
-                     embedding_steps=entry.get('embedding_steps'))
+
+  def add_all() -> dict[str, dict]:
+    out = {}
+    for task in members:
+      r = rows[task]
+      entry = lib.add(library, r['value'], task=task, embedding=embeddings.get(task),
+                      embedding_steps=embedding_steps if task in embeddings else None,
+                      replace=replace, backbone=bb, metadata=dict(
+                          steps=r['step'], seed=options.get('seed', 0), metrics=r['metrics'],
+                          init=prompt_init, source_run=os.path.abspath(model_dir),
+                          method='prompt_stack', mixture=name, train_steps=train_steps,
+                          batch_size=batch_size, position=options.get('prompt_position',
+                                                                       'prefix')))
+      out[task] = dict(step=r['step'], score=round(r['score'], 4), file=entry['path'],
+                       embedding_steps=entry.get('embedding_steps'))
+    return out
+
+  # One process adds (a second would find each task already held); all go on once it has.
+  out = agreement.by_writer(f'{library}: add the source prompts', add_all, share=True)
   return SourcesResult(os.path.abspath(library), os.path.abspath(model_dir), name, out,
                        result.best_step, macro, seconds, result)
 
@@ -280,11 +287,15 @@ def embed_tasks(tasks: Sequence[str], backbone, model_dir: str, out_dir: str, *,
   import jax
   value = np.asarray(jax.device_get(get_prompt(result.trainable)))
   bb = result.backbone
-  for i, t in enumerate(tasks):
-    write_prompt(paths[t], value[i] if value.ndim == 3 else value, overwrite=True, task=t,
-                 kind='task_embedding', embedding_steps=steps, step=steps, init=prompt_init,
-                 backbone=bb.name, backbone_fingerprint=bb.fingerprint,
-                 source_run=os.path.abspath(model_dir))
+
+  def write_all() -> None:
+    for i, t in enumerate(tasks):
+      write_prompt(paths[t], value[i] if value.ndim == 3 else value, overwrite=True, task=t,
+                   kind='task_embedding', embedding_steps=steps, step=steps, init=prompt_init,
+                   backbone=bb.name, backbone_fingerprint=bb.fingerprint,
+                   source_run=os.path.abspath(model_dir))
+
+  agreement.by_writer(f'{out_dir}: write the task embeddings', write_all)
   return paths
 
 

@@ -48,6 +48,7 @@ from jaxprompt.config import ConfigError, RunConfig
 from jaxprompt.methods import Command, register
 from jaxprompt.methods.base import Context, Method
 from jaxprompt.prompts import prompt as prompt_lib
+from jaxprompt.train import agreement
 
 PIECE_LAYOUTS = ('contiguous', 'strided')
 IMPORTANCE_KINDS = ('absolute', 'signed')
@@ -636,25 +637,35 @@ def prune(prompt: str, task: str, *, backbone, out_dir: str | None = None,
                       'eval_period', 'weight_decay', 'dropout_rate', 'max_eval_examples')})
   identity = json.loads(json.dumps(identity, default=list))
   state_path = os.path.join(out_dir, STATE_FILE)
-  if os.path.exists(state_path):
-    with open(state_path) as f:
-      state = json.load(f)
-    if state['identity'] != identity:
-      diff = [k for k in identity if state['identity'].get(k) != identity[k]]
-      raise ValueError(f'{out_dir}: holds a prune of another setting ({", ".join(diff)} differ); '
-                       'give a new --out')
-    say(f'resuming the prune in {out_dir} ({len(state["rows"])} fractions done)')
-  elif os.path.isdir(out_dir) and os.listdir(out_dir):
-    raise ValueError(f'{out_dir}: not empty and holds no {STATE_FILE}; give a new or empty --out')
-  else:
-    state = {'identity': identity, 'rows': {}, 'unpruned': None, 'importance_seconds': None}
-  os.makedirs(out_dir, exist_ok=True)
+
+  def prune_so_far() -> dict[str, Any]:
+    if os.path.exists(state_path):
+      with open(state_path) as f:
+        state = json.load(f)
+      if state['identity'] != identity:
+        diff = [k for k in identity if state['identity'].get(k) != identity[k]]
+        raise ValueError(f'{out_dir}: holds a prune of another setting ({", ".join(diff)} '
+                         'differ); give a new --out')
+      say(f'resuming the prune in {out_dir} ({len(state["rows"])} fractions done)')
+      return state
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+      raise ValueError(f'{out_dir}: not empty and holds no {STATE_FILE}; give a new or empty '
+                       '--out')
+    return {'identity': identity, 'rows': {}, 'unpruned': None, 'importance_seconds': None}
+
+  # Every process of a multi-host prune decides on what it sees before process 0 writes; each
+  # later "is it done?" follows from this state or from an agreed check, and process 0 writes.
+  state = agreement.same(f'{out_dir}: the prune so far', prune_so_far,
+                         hint=agreement.SHARED_STORAGE)
 
   def save_state():
-    tmp = state_path + '.tmp'
-    with open(tmp, 'w') as f:
-      json.dump(state, f, indent=1, default=float)
-    os.replace(tmp, state_path)
+    def write():
+      os.makedirs(out_dir, exist_ok=True)
+      tmp = state_path + '.tmp'
+      with open(tmp, 'w') as f:
+        json.dump(state, f, indent=1, default=float)
+      os.replace(tmp, state_path)
+    agreement.by_writer(f'{state_path}: save', write)
 
   save_state()
   value = np.asarray(pf.value, np.float32)
@@ -662,7 +673,8 @@ def prune(prompt: str, task: str, *, backbone, out_dir: str | None = None,
   # ---- stage 2: nested masks for every fraction (computed once, kept on disk) ----
   mask_paths = {f: os.path.join(out_dir, 'masks', f'{_tag(f)}.safetensors')
                 for f in opts.prune_fractions}
-  if not all(os.path.exists(p) for p in mask_paths.values()):
+  if not agreement.same(f'{out_dir}/masks: written?',
+                        lambda: all(os.path.exists(p) for p in mask_paths.values())):
     scorer = Scorer(bb, value, task, cfg.feature_lengths, cfg.batch_size, pieces=opts.pieces,
                     layout=opts.piece_layout, batches=opts.importance_batches,
                     kind=opts.importance_kind, per=opts.importance_per, seed=cfg.seed,
@@ -676,14 +688,18 @@ def prune(prompt: str, task: str, *, backbone, out_dir: str | None = None,
       warm = scorer.pass_seconds[1:] or scorer.pass_seconds
       state['importance_seconds'] = float(np.median(warm))
     index = piece_index(d, opts.pieces, opts.piece_layout)
-    for f, (token, piece) in masks.items():
-      write_prompt(mask_paths[f], value * element_mask(token, piece, index), overwrite=True,
-                   method='xprompt', **file_masks(token, piece, opts.piece_layout),
-                   xprompt=product_meta(token, piece, opts.piece_layout, d, opts.drop_pruned,
-                                        fraction=f, stage='pruned, not rewound'),
-                   **{k: v for k, v in pf.metadata.items()
-                      if k in ('backbone', 'backbone_fingerprint', 'task', 'position',
-                               't5_config')})
+
+    def write_masks():
+      for f, (token, piece) in masks.items():
+        write_prompt(mask_paths[f], value * element_mask(token, piece, index), overwrite=True,
+                     method='xprompt', **file_masks(token, piece, opts.piece_layout),
+                     xprompt=product_meta(token, piece, opts.piece_layout, d, opts.drop_pruned,
+                                          fraction=f, stage='pruned, not rewound'),
+                     **{k: v for k, v in pf.metadata.items()
+                        if k in ('backbone', 'backbone_fingerprint', 'task', 'position',
+                                 't5_config')})
+
+    agreement.by_writer(f'{out_dir}/masks: write', write_masks)  # all read them next
     save_state()
   # ---- validation of the unpruned and the pruned-before-rewinding prompts ----
   validation = None
@@ -728,22 +744,25 @@ def prune(prompt: str, task: str, *, backbone, out_dir: str | None = None,
                                       r['fraction']))
     chosen = pick['fraction']
     best_path = os.path.join(out_dir, 'xprompt_best.safetensors')
-    if pick.get('prompt'):
+  for r in rows:
+    r['chosen'] = r['fraction'] == chosen and r is not rows[0]
+  table_path = os.path.join(out_dir, 'prune.csv')
+
+  def write_results() -> str | None:
+    if best_path and pick.get('prompt'):
       shutil.copyfile(pick['prompt'], best_path)
       npy = pick['prompt'].replace('.safetensors', '.npy')
       if os.path.exists(npy):
         shutil.copyfile(npy, best_path.replace('.safetensors', '.npy'))
-  for r in rows:
-    r['chosen'] = r['fraction'] == chosen and r is not rows[0]
-  table_path = os.path.join(out_dir, 'prune.csv')
-  write_table(rows, table_path)
-  picture = None
-  try:
-    picture = draw_masks({f: read_masks(read_prompt(mask_paths[f]), mask_paths[f])[:2]
-                          for f in opts.prune_fractions}, os.path.join(out_dir, 'masks.png'),
-                         chosen)
-  except ImportError:
-    pass
+    write_table(rows, table_path)
+    try:
+      return draw_masks({f: read_masks(read_prompt(mask_paths[f]), mask_paths[f])[:2]
+                         for f in opts.prune_fractions}, os.path.join(out_dir, 'masks.png'),
+                        chosen)
+    except ImportError:
+      return None
+
+  picture = agreement.by_writer(f'{out_dir}: the prune results', write_results, share=True)
   state['chosen'] = chosen
   save_state()
   return PruneResult(out_dir, rows, chosen, best_path, table_path, picture,
