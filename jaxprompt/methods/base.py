@@ -3,7 +3,9 @@
 A method is a small object that says
   * how to initialise its trainable pytree and its frozen extras (`init`),
   * how the trainable becomes the backbone's params and prompt (`model_inputs`, the engine's
-    seam: `(trainable, frozen, batch) -> (backbone params, prompt or None)`),
+    seam: `(trainable, frozen, batch) -> (backbone params, prompt or None)`; the prompt may be
+    a `jaxprompt.model.network.PromptInputs` that also carries per-layer key/value prefixes,
+    as prefix tuning's does),
   * its default optimizer (`optimizer`),
   * what identifies a run of it, for the manifest and resume (`identity`),
   * how its product is written and read back for evaluation (`save_product`, `load_product`),

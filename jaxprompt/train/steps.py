@@ -3,8 +3,10 @@
 A method supplies `model_inputs(trainable, frozen, batch) -> (backbone_params, prompt)`:
 prompt tuning returns the frozen backbone and the trainable prompt; masked prompts,
 projectors and prompt stacks are other mappings; model tuning returns the trainable as
-the backbone and no prompt. Gradients are taken with respect to `trainable` alone and
-`frozen` is an argument of the jitted step, never a captured constant.
+the backbone and no prompt. The prompt may also be a `jaxprompt.model.network.PromptInputs`
+(an input prompt and/or per-layer key/value prefixes: prefix tuning), which the model takes in
+the same argument, so nothing here looks inside it. Gradients are taken with respect to
+`trainable` alone and `frozen` is an argument of the jitted step, never a captured constant.
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ import jax.numpy as jnp
 import optax
 
 from jaxprompt.model import Transformer, loss_and_metrics
+from jaxprompt.model.network import PromptInputs
 from jaxprompt.prompts.prompt import get_prompt, select_prompts
 
 Batch = dict[str, jax.Array]
-ModelInputs = Callable[[Any, Any, Batch], tuple[Any, jax.Array | None]]
+ModelInputs = Callable[[Any, Any, Batch], tuple[Any, jax.Array | PromptInputs | None]]
 
 
 class TrainState(NamedTuple):
