@@ -16,6 +16,10 @@ num_transformer_submodules=1) that `peft.PeftModel.from_pretrained(t5, out_dir)`
 `PromptFile`. `read_prompt(adapter_dir)` dispatches here, so an adapter directory works wherever
 a prompt file does (`--prompt_init_file`, `jaxprompt eval --prompt`). Neither direction imports
 torch or peft.
+
+A `prefix_tuning` product exports as a PREFIX_TUNING adapter instead (`export_prefix_peft`):
+the same two files, `prompt_embeddings` being the [P, 2n * heads * head_dim] prefix rows PEFT's
+T5 reads (see jaxprompt/methods/prefix_tuning.py), every size explicit in the config.
 """
 
 from __future__ import annotations
