@@ -61,7 +61,8 @@ def t(x):
   return x.detach().numpy().copy()
 
 
-@pytest.fixture(scope='module', params=sorted(DEPTHS))
+@pytest.fixture(scope='module', params=[
+    'enc3_dec2', pytest.param('enc2_dec4', marks=pytest.mark.slow)])
 def backbone(request, tmp_path_factory):
   encoder_layers, decoder_layers = DEPTHS[request.param]
   config = TINY_GATED.replace(emb_dim=24, num_heads=3, head_dim=5, dropout_rate=0.0,
