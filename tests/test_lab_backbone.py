@@ -18,6 +18,7 @@ def built(tmp_path_factory):
   return cache, backbone.build(steps=160, cache_dir=cache, progress=False)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_build_writes_a_real_checkpoint_and_is_reused(built):
   cache, ckpt = built
   directory = os.path.dirname(ckpt)

@@ -101,6 +101,7 @@ def test_prefix_prompt_text_ends_with_the_task_prefix_token():
       prompt_init='text', prompt_init_text='yes no even majority:')
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_relative_position_tables_get_their_own_learning_rate():
   import jax
   import jax.numpy as jnp
@@ -128,6 +129,7 @@ def test_methods_preset_settings():
   assert backbone.preset_config('methods', steps=50)['steps'] == 50
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_a_short_methods_build_runs_and_is_cached_under_its_preset(tmp_path):
   cache = str(tmp_path)
   ckpt = backbone.build(steps=20, cache_dir=cache, progress=False, preset='methods')

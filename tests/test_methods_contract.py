@@ -24,6 +24,10 @@ from jaxprompt.methods import get_method, method_names
 from jaxprompt.model import Transformer, get_config, init_params
 
 METHODS = method_names()
+# Resuming bit for bit takes three runs per method: prompt tuning's in the fast tier, every
+# other method's in the full tier.
+FAST_TIER_RESUME = [m if m == 'prompt_tuning' else pytest.param(m, marks=pytest.mark.slow)
+                    for m in METHODS]
 STEPS, EVAL_PERIOD = 8, 4
 
 
@@ -107,7 +111,7 @@ def test_only_the_trainable_changes(world, method, tmp_path_factory):
   assert max(jax.tree_util.tree_leaves(moved)) > 0
 
 
-@pytest.mark.parametrize('method', METHODS)
+@pytest.mark.parametrize('method', FAST_TIER_RESUME)
 def test_killed_run_resumes_bit_for_bit_running_only_the_rest(world, method, tmp_path,
                                                               tmp_path_factory, monkeypatch,
                                                               capfd):
@@ -193,6 +197,7 @@ def _on_devices(root: str, n: int, parts: int) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_one_and_eight_devices_agree_for_every_method(tmp_path):
   one = _on_devices(str(tmp_path / 'one'), 1, 1)
   eight = _on_devices(str(tmp_path / 'eight'), 8, 2)
@@ -203,6 +208,7 @@ def test_one_and_eight_devices_agree_for_every_method(tmp_path):
                                  err_msg=method)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_the_design_docs_example_method_works_end_to_end(world, tmp_path):
   """docs/design.md's "How to add a method" block, executed: registered, trained, resumed,
   exported and evaluated without any other edit."""

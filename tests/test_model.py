@@ -164,6 +164,7 @@ def test_dropout_is_active_only_when_enabled():
   np.testing.assert_array_equal(c, d)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_cached_decoding_matches_teacher_forcing(tiny):
   module, params = tiny
   enc, _, _ = _batch()

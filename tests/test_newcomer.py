@@ -211,3 +211,34 @@ def test_lab_path_answers_without_loading_tensorflow(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'HEAVY []' in done.stdout, done.stdout
   assert str(tmp_path) in done.stdout
+
+
+@pytest.mark.slow  # builds a reduced lab backbone and tunes 300 steps: a few minutes
+def test_the_readme_next_steps_then_the_tests_from_the_same_folder(tmp_path):
+  """The README's "Next steps" as written, from a fresh working folder (their `runs/` folder
+  is then a namespace package on `python -m pytest`'s path), then part of the test suite from
+  that same folder: all pass. `lab report sources` (18 min on 2 cores) is left out; the methods
+  backbone is built at JAXPROMPT_LAB_STEPS, the smaller setting the tests use."""
+  import re
+  from conftest import REPO_ROOT
+  text = (REPO_ROOT / 'README.md').read_text()
+  block = text.split('## Next steps on the lab', 1)[1].split('```', 2)[1]
+  commands = [re.sub(r'\s+#.*$', '', line).split()[1:] for line in block.splitlines()
+              if line.startswith('.venv/bin/jaxprompt')]
+  assert [c[:2] for c in commands][:3] == [['tune', '--task'], ['eval', '--task'],
+                                          ['info', 'runs/has_dog']]
+  env = dict(os.environ, JAXPROMPT_CACHE=str(tmp_path / 'cache'), JAXPROMPT_LAB_STEPS='40')
+  work = tmp_path / 'work'
+  work.mkdir()
+  for args in commands:
+    if args[:3] == ['lab', 'report', 'sources']:
+      continue
+    done = subprocess.run([sys.executable, '-m', 'jaxprompt.cli', *args], cwd=work, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, (args, done.stderr[-2000:])
+  assert (work / 'runs' / 'has_dog' / 'prompt_best.safetensors').exists()
+  (work / 'tests').symlink_to(REPO_ROOT / 'tests')
+  done = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
+                         '-m', 'not slow', 'tests/test_cli.py', 'tests/test_newcomer.py'],
+                        cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+  assert done.returncode == 0, done.stdout[-3000:]

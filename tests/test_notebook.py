@@ -3,12 +3,15 @@
 import os
 import pathlib
 
+import pytest
+
 from conftest import images, run_notebook
 
 
 NOTEBOOK = pathlib.Path(__file__).resolve().parents[1] / 'colab' / 'prompt_tuning.ipynb'
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_notebook_runs(tmp_path, monkeypatch):
   monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '60')

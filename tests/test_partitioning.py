@@ -364,6 +364,7 @@ def _golden_checks():
   print('golden sharding checks passed')
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_golden_sharding_on_8_fake_devices():
   env = dict(os.environ)
   env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') +

@@ -110,6 +110,7 @@ def test_distance_objective_fits_target_prompts():
     pj.train_distance(src, tgt[:2])
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_distance_cli_and_apply_through_libraries(tmp_path, capsys):
   from jaxprompt.model import Transformer, get_config, init_params
   from jaxprompt.checkpoints import save_t5x_orbax
@@ -144,6 +145,7 @@ def test_distance_cli_and_apply_through_libraries(tmp_path, capsys):
   assert 'needs --target_library' in capsys.readouterr().err
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_task_objective_is_a_method_of_the_run_driver(tmp_path):
   """The projector trained on the target model's loss: only the projector moves, and the
   product (the projector file) evaluates to the run's recorded best metric."""

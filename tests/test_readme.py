@@ -5,6 +5,8 @@ import os
 import pathlib
 import re
 
+import pytest
+
 README = pathlib.Path(__file__).resolve().parents[1] / 'README.md'
 
 
@@ -12,6 +14,7 @@ def _python_blocks() -> list[str]:
   return re.findall(r'```python\n(.*?)```', README.read_text(), re.S)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_readme_python_blocks_run(tmp_path, monkeypatch):
   blocks = _python_blocks()
   assert blocks, 'the README has no Python block'

@@ -10,6 +10,7 @@ from jaxprompt.train import checkpointing, loop
 from test_methods_contract import _tune, world  # noqa: F401 - the shared tiny world fixture
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_overflowing_learning_rate_never_saves_a_bad_state_and_resumes(world, tmp_path):  # noqa: F811
   """lr 1e39 with checkpoints every 5 steps and log rows every 10 (the measured case): the
   run stops naming the first bad step and the checkpoint truly kept, no checkpoint or best
@@ -28,6 +29,7 @@ def test_overflowing_learning_rate_never_saves_a_bad_state_and_resumes(world, tm
   assert result.step == 10 and np.isfinite(read_prompt(result.best_prompt_path).value).all()
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_torn_metrics_line_is_dropped_with_a_warning(world, tmp_path, capfd):  # noqa: F811
   run = str(tmp_path / 'run')
   _tune(world, 'prompt_tuning', run, train_steps=4, eval_period=4)
@@ -52,6 +54,7 @@ def test_a_second_run_in_a_held_directory_is_refused(world, tmp_path):  # noqa: 
     holder.release()
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_a_finite_but_exploding_trainable_is_stopped_as_diverged(world, tmp_path):  # noqa: F811
   """lr 1e30 (the measured case): the prompt stays finite (~1e30) while its gradients vanish,
   so no non-finite check fires; the run stops as diverged at the first such step and keeps
@@ -89,6 +92,7 @@ def _size(path):
   return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_a_full_disk_stops_with_one_line_and_keeps_the_earlier_checkpoints(world, small_disk,
                                                                            tmp_path, capfd):  # noqa: F811
   """The disk fills up between two checkpoints: one line naming the directory, the free space
@@ -143,6 +147,7 @@ def test_the_kill_drill_resumes_killed_runs_bit_for_bit(tmp_path):
   assert result['duplicate_rows'] == 0 and result['leftover_files'] == 0, result['records']
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_a_stack_keeps_each_tasks_best_row_through_a_kill(world, tmp_path):  # noqa: F811
   """prompt_stack's after_validation hook: each task's row at that task's own best validation
   (not the run's macro best), the same after a kill and resume as uninterrupted."""

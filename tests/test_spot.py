@@ -147,6 +147,7 @@ COMMON = dict(prompt_length=3, feature_lengths={'inputs': 12, 'targets': 3}, pro
               dropout_rate=0.0)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_sources_library_transfer_and_ranking_end_to_end(tiny, capsys):
   from jaxprompt.tuning import tune
   root, tasks = tiny['root'], tiny['tasks']
@@ -202,6 +203,7 @@ def test_sources_library_transfer_and_ranking_end_to_end(tiny, capsys):
     assert open(os.path.join(library, 'index.json')).read() == before
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_transfer_matrix_rows_start_from_their_own_init(tiny):
   root, tasks = tiny['root'], tiny['tasks']
   from jaxprompt.prompts.files import write_prompt
@@ -287,6 +289,7 @@ def test_spot_gin_run_files_parse_and_run_one_step(run_file, tiny, capsys):
     assert final.metadata['init'] == f'from {prompt}'
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 @pytest.mark.skipif(not NOTEBOOK.exists(), reason='colab/spot.ipynb not written yet')
 def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
@@ -299,6 +302,7 @@ def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   assert os.path.exists(tmp_path / 'work' / 'library' / 'index.json')
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys, reduced_lab_cache):
   """`jaxprompt spot lab` (the issue's section-5 evidence) on a 20-step lab backbone at tiny
   settings: every stage runs, the files are written, a rerun with the same --work reuses the

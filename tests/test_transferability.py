@@ -159,6 +159,7 @@ def tiny_world(tmp_path_factory):
   return dict(root=root, backbone=(module, params), library=library)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_zero_shot_matrix_equals_evaluating_each_pair(tiny_world):
   from jaxprompt.evaluate import evaluate
   lengths = {'inputs': 12, 'targets': 4}

@@ -33,7 +33,7 @@ def _tiny_batch(rs, batch=3, length=6, targets=3, vocab=70):
           'decoder_target_tokens': tgt, 'decoder_loss_weights': np.ones_like(tgt, np.float32)}
 
 
-@pytest.mark.parametrize('layout', ['contiguous', 'strided'])
+@pytest.mark.parametrize('layout', [pytest.param('contiguous', marks=pytest.mark.slow), 'strided'])
 def test_mask_gradient_matches_finite_differences_and_closed_form(layout):
   module, params = Transformer(TINY_GATED), random_params(TINY_GATED)
   rs = np.random.RandomState(0)
@@ -321,6 +321,7 @@ def tiny(tmp_path_factory):
               width=cfg.emb_dim)
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_pruned_entries_stay_zero_through_training_resume_and_export(tiny):
   from jaxprompt import evaluate, tune
   from jaxprompt.checkpoints.peft import export_peft, read_peft_prompt
@@ -381,6 +382,7 @@ def cli_info(path):
   return buf.getvalue()
 
 
+@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
 def test_prune_command_end_to_end_resume_and_bad_input(tiny, capsys):
   from jaxprompt import tune
   root = tiny['root']
