@@ -1,6 +1,6 @@
 """jaxprompt: soft prompts for frozen T5 models in JAX/Flax."""
 
-__version__ = '0.1.0'
+from jaxprompt.version import __version__  # noqa: F401
 
 
 def load_t5(path, config=None):
@@ -14,6 +14,7 @@ def load_t5(path, config=None):
 
 def tune(task, **kwargs):
   """Tunes a soft prompt on a seqio task; see `jaxprompt.tuning.tune`."""
+  from jaxprompt import lab  # noqa: F401 - the backbone name 'lab' and the lab's tasks
   from jaxprompt.tuning import tune as _tune
   return _tune(task, **kwargs)
 

@@ -7,6 +7,7 @@
   jaxprompt eval --prompt runs/x/prompt_best.safetensors --task jaxprompt_glue_sst2 --backbone CKPT
   jaxprompt info PATH                 # a checkpoint or a prompt file
   jaxprompt lab build | report        # the lab's pretrained backbone and its measurements
+  jaxprompt lab report spot | transferability   # a method's study on the lab
 """
 
 from __future__ import annotations
@@ -552,7 +553,8 @@ def build_parser() -> argparse.ArgumentParser:
   b.add_argument('--seed', type=int, default=0, help='initialisation and data-order seed (0)')
   pa = lab_sub.add_parser('path', help="print the lab backbone's checkpoint path (built if needed)")
   pa.add_argument('--preset', default=None, help='backbone preset (default demo)')
-  r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab')
+  r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab; '
+                        "a method's study: report spot | transferability (-h: its options)")
   r.add_argument('what', nargs='?', default='targets', choices=('targets', 'sources', 'transfer'),
                  help='targets: no prompt / random / prompt tuning / model tuning per target '
                       '(default); sources: each source known with its prefix and through a '
@@ -579,12 +581,38 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# A method's study on the lab, `jaxprompt lab report STUDY ...`: each study parses its own
+# options. `jaxprompt spot lab` and `jaxprompt transfer lab` are its older names.
+LAB_STUDIES = {'spot': 'jaxprompt.lab.spot_study',
+               'transferability': 'jaxprompt.lab.transfer_report'}
+STUDY_ALIASES = {('spot', 'lab'): 'spot', ('transfer', 'lab'): 'transferability'}
+
+
+def _lab_study(rest: Sequence[str]) -> tuple[str, list[str], str] | None:
+  """(the study's module, its arguments, its prog) when `rest` asks for a study, else None."""
+  i = 1 if rest[:1] == ['--debug'] else 0
+  head = tuple(rest[i:i + 3])
+  if head[:2] == ('lab', 'report') and len(head) == 3 and head[2] in LAB_STUDIES:
+    return LAB_STUDIES[head[2]], list(rest[i + 3:]), f'jaxprompt lab report {head[2]}'
+  if head[:2] in STUDY_ALIASES:
+    return LAB_STUDIES[STUDY_ALIASES[head[:2]]], list(rest[i + 2:]), f'jaxprompt {head[0]} lab'
+  return None
+
+
+def _run_lab_study(module: str, study_args: list[str], prog: str) -> int:
+  import importlib
+  return importlib.import_module(module).main(study_args, prog=prog)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, files, bindings = _split_gin_args(argv)
-  parser = build_parser()
-  args = parser.parse_args(rest)
+  study = _lab_study(rest)
+  if study is not None:  # parsed by the study itself
+    args = argparse.Namespace(command='lab', lab_command='report', debug=rest[:1] == ['--debug'])
+  else:
+    args = build_parser().parse_args(rest)
   light = args.command in ('info', 'export', 'plan') or (
       args.command == 'lab' and args.lab_command == 'path')
   if not light:  # the others read data through seqio (TensorFlow)
@@ -593,6 +621,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if (files or bindings) and args.command != 'tune':
     return _fail('--gin_file / --gin.NAME apply to `jaxprompt tune` only')
   try:
+    if study is not None:
+      return _run_lab_study(*study)
     if args.command == 'tune':
       return _tune_command(args, files, bindings)
     if args.command == 'eval':

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any, Mapping
@@ -96,6 +97,23 @@ HELP = {
 
 class ConfigError(ValueError):
   """A bad option value; the message names the option, its flag and gin name."""
+
+
+GIN_DIR = os.path.join(os.path.dirname(__file__), 'gin')  # the gin files shipped in the package
+
+
+def resolve_gin_file(name: str) -> str:
+  """A gin file given as a path, else one shipped in the package (`runs/prompt_tune.gin`), as
+  an absolute path: gin is never asked to search (its resource lookup imports folders of the
+  working directory as packages)."""
+  for candidate in (name, os.path.join(GIN_DIR, name)):
+    if os.path.isfile(candidate):
+      return os.path.abspath(candidate)
+  shipped = sorted(os.path.relpath(os.path.join(d, f), GIN_DIR)
+                   for d, _, fs in os.walk(GIN_DIR) for f in fs if f.endswith('.gin'))
+  close = difflib.get_close_matches(name, shipped, n=3, cutoff=0.5)
+  hint = f'; did you mean {", ".join(close)}?' if close else f' (shipped: {GIN_DIR})'
+  raise ConfigError(f'--gin_file {name}: no such file here or among the shipped gin files{hint}')
 
 
 def option_names(name: str) -> str:

@@ -189,10 +189,10 @@ def resolve_model(model: str):
   if model in NAMED_CONFIGS:
     return get_config(model)
   if model.endswith('.gin'):
-    from jaxprompt.cli import UsageError, resolve_gin_file
+    from jaxprompt.config import ConfigError, resolve_gin_file
     try:
       path = resolve_gin_file(model)
-    except UsageError as e:
+    except ConfigError as e:
       raise PlanError(str(e)) from None
     with open(path) as f:
       found = re.search(r"^tune\.config\s*=\s*['\"]([^'\"]+)['\"]", f.read(), re.M)

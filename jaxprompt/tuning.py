@@ -26,7 +26,7 @@ from jaxprompt import host as _host
 _host.import_quietly('seqio')  # TensorFlow's native libraries print as they load
 import seqio  # noqa: E402
 
-from jaxprompt import __version__
+from jaxprompt.version import __version__
 from jaxprompt.checkpoints.backbone import Backbone
 from jaxprompt.config import (FALLBACK_FEATURE_LENGTHS, FALLBACK_PROMPT_LENGTH,
                               FALLBACK_SCHEDULE, RunConfig, split_options)

@@ -337,13 +337,13 @@ def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys, reduced_
       res['retrieval'])
   # A target whose independent weighted average is undefined (top-k similarities summing to
   # <= 0, as minority's did on the `methods` backbone) is reported with '-', not a KeyError.
-  from jaxprompt.methods import spot
+  from jaxprompt.lab import spot_study
   row['weighted_average'].pop('independent', None)
   row['gap_closed'].pop('weighted_average_independent', None)
   row['pt_short'] = True
   other = dict(row, gap_closed=dict(row['gap_closed'], weighted_average_independent=0.5))
   res['targets'] = {'other': other, 'minority': row}  # the undefined one second
-  table = spot.format_lab_evidence(res)
+  table = spot_study.format_lab_evidence(res)
   assert '| minority |' in table and '| other |' in table and 'weighted_average_independent' in table
   row = json.loads(open(f'{out}.json').read())['targets']['minority']
   assert cli.main(argv) == 2  # the files exist

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxprompt import registry
 
 
 @dataclasses.dataclass
@@ -46,16 +47,16 @@ def fingerprint(config, params) -> str:
 
 
 def resolve_backbone_path(path: str) -> str:
-  """'lab' (or 'lab:PRESET') -> the lab backbone's checkpoint (built on first use); relative
-  local paths -> absolute; remote paths unchanged."""
+  """A registered name -> its checkpoint ('lab' or 'lab:PRESET': the lab backbone, built on
+  first use, once `jaxprompt.lab` is imported; see `jaxprompt.registry`); relative local paths
+  -> absolute; remote paths unchanged."""
   path = str(path)
-  if path == 'lab' or path.startswith('lab:'):
-    from jaxprompt.lab import backbone as lab_backbone
-    preset = path.partition(':')[2] or None
-    kwargs = {'preset': preset} if preset else {}
-    if os.environ.get('JAXPROMPT_LAB_STEPS'):  # a quicker, smaller build (tests, quick looks)
-      kwargs['steps'] = int(os.environ['JAXPROMPT_LAB_STEPS'])
-    return lab_backbone.build(**kwargs)
+  resolve = registry.backbone_resolver(path)
+  if resolve is not None:
+    return resolve(path)
+  if path in ('lab',) or path.startswith('lab:'):
+    raise ValueError(f"backbone {path!r}: the lab is not loaded; import jaxprompt.lab first (the "
+                     "CLI and jaxprompt.tune do)")
   if '://' in path:
     return path
   return os.path.abspath(os.path.expanduser(path))

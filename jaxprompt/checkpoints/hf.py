@@ -33,9 +33,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxprompt.checkpoints import (CheckpointError, PICKLE_SUFFIXES, RELPOS_BUCKETS,
-                                   expected_shapes, flatten, join, listdir, path_str, unflatten)
 from jaxprompt.checkpoints.leaves import Leaf, full_index
+from jaxprompt.checkpoints.storage import PICKLE_SUFFIXES, join, listdir
+from jaxprompt.checkpoints.tree import (RELPOS_BUCKETS, CheckpointError, expected_shapes, flatten,
+                                        path_str, unflatten)
 from jaxprompt.model.config import T5Config
 
 Path = tuple[str, ...]
@@ -195,7 +196,7 @@ def safetensors_files(directory: str) -> list[str]:
   if not names:
     pickles = [n for n in listdir(directory) if n.endswith(PICKLE_SUFFIXES)]
     if pickles:
-      from jaxprompt.checkpoints import _refuse_pickle  # pylint: disable=g-import-not-at-top
+      from jaxprompt.checkpoints.storage import _refuse_pickle  # pylint: disable=g-import-not-at-top
       raise _refuse_pickle(join(directory, pickles[0]))
     raise CheckpointError(f'{directory}: no model.safetensors (or sharded model-*-of-*.'
                           f'safetensors + {INDEX}); download the safetensors weights')

@@ -21,9 +21,9 @@ from typing import Any, Mapping
 import msgpack
 import numpy as np
 
-from jaxprompt.checkpoints import (CheckpointError, flatten, is_remote, join, path_str,
-                                   read_bytes, unflatten)
 from jaxprompt.checkpoints.leaves import Leaf
+from jaxprompt.checkpoints.storage import is_remote, join, read_bytes
+from jaxprompt.checkpoints.tree import CheckpointError, flatten, path_str, unflatten
 
 Path = tuple[str, ...]
 _NDARRAY, _COMPLEX, _SCALAR = 1, 2, 3
@@ -336,7 +336,7 @@ def save_t5x_legacy(params: Mapping[str, Any], directory: str, step: int,
   """
   ckpt_dir = join(directory, f'checkpoint_{int(step)}')
   if is_remote(ckpt_dir):
-    from jaxprompt.checkpoints import _gfile  # pylint: disable=g-import-not-at-top
+    from jaxprompt.checkpoints.storage import _gfile  # pylint: disable=g-import-not-at-top
     _gfile().makedirs(ckpt_dir)
   else:
     os.makedirs(ckpt_dir, exist_ok=True)
@@ -353,7 +353,7 @@ def save_t5x_legacy(params: Mapping[str, Any], directory: str, step: int,
   data = msgpack.packb(contents, default=_ext_default, use_bin_type=True)
   file = join(ckpt_dir, 'checkpoint')
   if is_remote(file):
-    from jaxprompt.checkpoints import _gfile  # pylint: disable=g-import-not-at-top
+    from jaxprompt.checkpoints.storage import _gfile  # pylint: disable=g-import-not-at-top
     with _gfile().GFile(file, 'wb') as f:
       f.write(data)
   else:

@@ -14,9 +14,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from jaxprompt.checkpoints import CheckpointError, flatten, join, unflatten
 from jaxprompt.checkpoints.leaves import Leaf
+from jaxprompt.checkpoints.storage import join
 from jaxprompt.checkpoints.t5x_legacy import _kvstore, open_stores, store_leaf
+from jaxprompt.checkpoints.tree import CheckpointError, flatten, unflatten
 
 Path = tuple[str, ...]
 
@@ -27,7 +28,7 @@ def _state_dir(path: str) -> str:
 
 
 def _has_state(path: str) -> bool:
-  from jaxprompt.checkpoints import exists  # pylint: disable=g-import-not-at-top
+  from jaxprompt.checkpoints.storage import exists  # pylint: disable=g-import-not-at-top
   return exists(join(path, 'state'))
 
 
@@ -61,7 +62,7 @@ def read_shapes(path: str) -> dict[Path, tuple[tuple[int, ...], str]]:
 
 def _layout(state_dir: str) -> tuple[bool, bool]:
   """(use_ocdbt, use_zarr3) as `_METADATA` records them (older trees: OCDBT iff a manifest)."""
-  from jaxprompt.checkpoints import exists, read_bytes  # pylint: disable=g-import-not-at-top
+  from jaxprompt.checkpoints.storage import exists, read_bytes  # pylint: disable=g-import-not-at-top
   file = join(state_dir, '_METADATA')
   if exists(file):
     try:

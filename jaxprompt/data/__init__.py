@@ -1,10 +1,12 @@
 """The data layer: vocabularies, seqio tasks and mixtures, file tasks, batches and metrics.
 
 Library only (no gin): entry points bind these functions. Importing this package registers
-nothing; call `register_tasks()` (TFDS benchmarks) or `register_file_task()` (your files).
+nothing; call `register_tasks()` (TFDS benchmarks), `register_file_task()` (your files) or
+`setup_tasks()` (every task a run can name).
 """
 
 import logging as _logging
+from typing import Sequence as _Sequence
 
 from jaxprompt import host as _host
 
@@ -30,8 +32,28 @@ from jaxprompt.data.vocab import (
     train_sentencepiece,
 )
 
+
+
+def setup_tasks(vocabulary: str | None = None, train_file: str | None = None,
+                validation_file: str | None = None, task_name: str = 'user_task',
+                input_column: str = 'input', target_column: str = 'target',
+                label_column: str | None = None, label_names: _Sequence[str] | None = None):
+  """Registers the TFDS tasks, the tasks of every registered source (`jaxprompt.registry`; the
+  lab's, once `jaxprompt.lab` is imported) and, optionally, a task from the user's files."""
+  from jaxprompt import registry  # pylint: disable=g-import-not-at-top
+  vocab = get_vocabulary(vocabulary) if vocabulary else None
+  register_tasks(vocab)
+  for register in registry.task_sources().values():
+    register()
+  if train_file:
+    register_file_task(task_name, train_file, validation_file, input_column=input_column,
+                       target_column=target_column, label_column=label_column,
+                       label_names=list(label_names) if label_names else None, vocabulary=vocab)
+
+
 __all__ = [
     'BatchIterator', 'DataFileError', 'DEFAULT_VOCAB_PATH', 'encoder_length', 'get_dataset',
     'get_vocabulary', 'label_names', 'LABELS', 'MT5_VOCAB_PATH', 'register_file_task',
-    'register_mixture', 'register_tasks', 'train_sentencepiece', 'TruncationCounter',
+    'register_mixture', 'register_tasks', 'setup_tasks', 'train_sentencepiece',
+    'TruncationCounter',
 ]

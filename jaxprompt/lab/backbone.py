@@ -110,7 +110,7 @@ def _cache_dir(cache_dir: str | None) -> str:
 def _digest_key(p: dict, seed: int) -> dict:
   """What the cache digest covers. The 'demo' preset keeps the key it had before presets."""
   from jaxprompt.lab.cache import vocabulary_digest
-  from jaxprompt import __version__
+  from jaxprompt.version import __version__
   key = dict(steps=p['steps'], seed=seed, batch=p['batch_size'], lr=p['learning_rate'],
              opt='adamw', vocab=vocabulary_digest(), version=__version__)
   rest = {k: v for k, v in p.items() if k not in ('steps', 'batch_size', 'learning_rate')}
@@ -231,7 +231,7 @@ def source_accuracy(checkpoint: str, max_examples: int = 200,
                     tasks=None) -> dict[str, float]:
   """Validation score of the backbone on every source task (or `tasks`), asked with its prefix."""
   from jaxprompt.evaluate import evaluate
-  from jaxprompt.lab import SOURCE_TASKS
+  from jaxprompt.lab.world import SOURCE_TASKS
   from jaxprompt.lab.tasks import SEQUENCE_LENGTH, register_lab_tasks, seqio_name
   from jaxprompt.checkpoints.backbone import load_backbone
   register_lab_tasks()

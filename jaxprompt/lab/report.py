@@ -102,7 +102,7 @@ def prefix_prompt_text(task: str, length: int) -> str:
   (`prompt_init='text'`) starts at the prefix's relative distance to the inputs. The positions
   before it hold function words (`_FILLER`, cycled). With `length` 1 the prompt is the prefix.
   """
-  from jaxprompt.lab import get_task
+  from jaxprompt.lab.world import get_task
   from jaxprompt.lab.tasks import world_name
   filler = [_FILLER[i % len(_FILLER)] for i in range(length - 1)]
   return ' '.join(filler + [get_task(world_name(task)).prefix.strip()])
@@ -117,7 +117,7 @@ def _init_options(task: str, init: str, prompt_length: int) -> dict:
 
 def goal_sources() -> tuple[str, ...]:
   """The source tasks whose skill has a target counterpart (`GOAL_SKILLS`)."""
-  from jaxprompt.lab import SOURCE_TASKS, get_task
+  from jaxprompt.lab.world import SOURCE_TASKS, get_task
   return tuple(t for t in SOURCE_TASKS if get_task(t).skill in GOAL_SKILLS)
 
 
@@ -199,7 +199,7 @@ def _progress(items, what: str):
 
 def parse_pairs(text: str) -> list[tuple[str, str]]:
   """'target:source,...' (the CLI's --pairs) as checked (target, source) pairs of lab tasks."""
-  from jaxprompt.lab import SOURCE_TASKS, TARGET_TASKS
+  from jaxprompt.lab.world import SOURCE_TASKS, TARGET_TASKS
   pairs = []
   for item in text.split(','):
     parts = item.strip().split(':')
@@ -275,7 +275,7 @@ GOAL_RATIO = 0.99
 
 def format_sources(rows: dict[str, dict]) -> str:
   """`measure_sources`' result as a table by skill, with the goal marked per source."""
-  from jaxprompt.lab import get_task
+  from jaxprompt.lab.world import get_task
   lines = ['| skill | source | prefixed | prompt, no prefix | ratio | goal |',
            '|---|---|---|---|---|---|']
   for task, r in sorted(rows.items(), key=lambda kv: (get_task(kv[0]).skill, kv[0])):

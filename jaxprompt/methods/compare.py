@@ -224,8 +224,8 @@ def _add_arguments(p) -> None:
 
 
 def _run(args) -> int:
-  from jaxprompt.lab import register_lab_tasks
-  register_lab_tasks()
+  from jaxprompt.data import setup_tasks
+  setup_tasks()  # the TFDS tasks and the lab's
   methods = [m.strip() for m in args.methods.split(',') if m.strip()]
   try:
     seeds = [int(s) for s in args.seeds.split(',') if s.strip()]

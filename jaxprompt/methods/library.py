@@ -39,6 +39,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from jaxprompt.prompts.files import jsonable as _jsonable
+from jaxprompt.prompts.init import register_source_resolver
 
 FORMAT = 'jaxprompt.library/1'
 INDEX = 'index.json'
@@ -221,6 +222,18 @@ def get_entry(directory: str, task: str) -> dict[str, Any]:
 def prompt_path(directory: str, task: str) -> str:
   """The prompt file of `task` in the library at `directory` (for `--init_from DIR:TASK`)."""
   return get_entry(directory, task)['path']
+
+
+def source_prompt_path(spec: str) -> str | None:
+  """`LIBRARY_DIR:TASK` -> the library's prompt file of TASK; None for any other spec (a prompt
+  source resolver, registered with `jaxprompt.prompts.init`)."""
+  directory, sep, task = spec.rpartition(':')
+  if sep and directory and os.path.isdir(directory) and not os.path.exists(spec):
+    return prompt_path(directory, task)
+  return None
+
+
+register_source_resolver(source_prompt_path)
 
 
 def load_prompt(directory: str, task: str, width: int | None = None) -> np.ndarray:

@@ -63,7 +63,7 @@ PEFT_NAMES = {'shared': 'prompt_embeddings', 'task_cols': 'prefix_task_cols',
 def write_tensors(path: str, prompt, tensors: dict[str, Any], **metadata) -> str:
   """A prompt file (`read_prompt` reads its `prompt`) that also holds `tensors`."""
   from safetensors.numpy import save_file
-  from jaxprompt import __version__
+  from jaxprompt.version import __version__
   from jaxprompt.prompts.files import FORMAT, jsonable
   prompt = np.asarray(prompt, np.float32)
   meta = dict(metadata, format=FORMAT, jaxprompt_version=__version__,

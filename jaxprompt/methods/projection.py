@@ -278,7 +278,7 @@ def save_projector(path: str, params: Mapping[str, Any], meta: Mapping[str, Any]
                    source_prompts: np.ndarray | None = None, overwrite: bool = True) -> str:
   """Writes a projector file (see the module docstring); `meta` must name the backbones."""
   from safetensors.numpy import save_file
-  from jaxprompt import __version__
+  from jaxprompt.version import __version__
   from jaxprompt.prompts.files import FORMAT, jsonable as _jsonable
   if os.path.exists(path) and not overwrite:
     raise ProjectionError(f'{path}: already exists; choose another path or pass --overwrite')

@@ -25,12 +25,11 @@
     jaxprompt transfer matrix --library DIR --backbone B [--tasks T1,T2] --out OUT
     jaxprompt transfer indicators --library DIR --backbone B [--matrix OUT.csv] --out OUT2
 
+Its study on the lab is `jaxprompt.lab.transfer_report` (`jaxprompt lab report transferability`).
 See docs/transferability.md.
 """
 
 from __future__ import annotations
-
-import argparse
 
 import csv
 import dataclasses
@@ -551,10 +550,6 @@ def _add_arguments(parser) -> None:
   m.add_argument('--batch_size', type=int, default=64, help='evaluation batch size')
   m.add_argument('--overwrite', action='store_true', help='replace existing OUT files')
   m.add_argument('--vocabulary', default=None, help="SentencePiece model (default: T5's)")
-  lab = sub.add_parser('lab', help="the lab's evidence (matrix, indicators, projectors, transfer "
-                       "as init); 'jaxprompt transfer lab -h' lists its options", add_help=False,
-                       prefix_chars='+')  # every option is the report's own: passed through
-  lab.add_argument('report_args', nargs=argparse.REMAINDER)
   i = sub.add_parser('indicators', help='prompt-similarity indicators vs zero-shot transfer')
   i.add_argument('--library', required=True, help='the prompt library directory')
   i.add_argument('--backbone', default=None,
@@ -574,7 +569,7 @@ def _add_arguments(parser) -> None:
 
 
 def _matrix_command(args) -> int:
-  from jaxprompt.cli import setup_tasks
+  from jaxprompt.data import setup_tasks
   _check_out(args.out, ('.csv', '_scores.csv', '.png', '.json'), args.overwrite)
   setup_tasks(args.vocabulary)
   tm = zero_shot_matrix(args.library, args.backbone, _split(args.tasks) or None,
@@ -597,7 +592,7 @@ def _indicators_command(args) -> int:
   tasks, prompts, _ = library_prompts(args.library, _split(args.tasks) or None)
   vocabulary = None
   if args.backbone:
-    from jaxprompt.cli import setup_tasks
+    from jaxprompt.data import setup_tasks
     setup_tasks(args.vocabulary)
     if args.filler not in ('eos',) and not str(args.filler).isdigit():
       from jaxprompt.data import vocab as vocab_lib
@@ -639,14 +634,8 @@ def _indicators_command(args) -> int:
   return 0
 
 
-def _lab_command(args) -> int:
-  from jaxprompt.lab.transfer_report import main
-  return main(args.report_args, prog='jaxprompt transfer lab')
-
-
 def _run(args) -> int:
-  return {'matrix': _matrix_command, 'indicators': _indicators_command,
-          'lab': _lab_command}[args.transfer_command](args)
+  return {'matrix': _matrix_command, 'indicators': _indicators_command}[args.transfer_command](args)
 
 
 COMMANDS = {'transfer': Command('transferability (Su et al. 2022): zero-shot matrix, indicators',

@@ -900,7 +900,7 @@ def _add_arguments(p) -> None:
 
 
 def _run_command(args) -> int:
-  from jaxprompt.cli import setup_tasks
+  from jaxprompt.data import setup_tasks
   setup_tasks(args.vocabulary)
   config = {k: getattr(args, k) for k in ('batch_size', 'learning_rate', 'eval_period', 'seed',
                                           'max_eval_examples') if getattr(args, k) is not None}

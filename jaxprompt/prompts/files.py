@@ -53,7 +53,7 @@ class PromptFile:
 def write_prompt(path: str, value, *, overwrite: bool = False, token_mask=None, piece_mask=None,
                  **metadata: Any) -> str:
   """Writes a prompt file (`.safetensors`) or a bare `.npy`; refuses to overwrite by default."""
-  from jaxprompt import __version__
+  from jaxprompt.version import __version__
   value = np.asarray(value, np.float32)
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path}: already exists; choose another path or pass overwrite=True')

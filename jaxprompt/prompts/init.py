@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from typing import Callable
 
 from jaxprompt.prompts import initializers
 from jaxprompt.prompts.files import check_compatible, read_prompt
@@ -33,14 +34,24 @@ def make_prompt_init(kind: str, embedding, vocabulary=None, labels=None, scale: 
   raise ValueError(f'unknown prompt init {kind!r}')
 
 
+_SOURCE_RESOLVERS: list[Callable[[str], str | None]] = []
+
+
+def register_source_resolver(resolve: Callable[[str], str | None]) -> None:
+  """Adds a way to name a prompt source: `resolve(spec)` returns the prompt file it names, or
+  None when `spec` is not its kind. The prompt library (`jaxprompt.methods.library`, imported
+  with every method) registers `LIBRARY_DIR:TASK`."""
+  if resolve not in _SOURCE_RESOLVERS:
+    _SOURCE_RESOLVERS.append(resolve)
+
+
 def resolve_source(spec: str) -> str:
-  """A prompt source: a prompt file, a PEFT adapter directory, or `LIBRARY_DIR:TASK` (the
-  library's prompt of TASK; see `jaxprompt.methods.library`) -> a path `read_prompt` reads."""
-  import os
-  directory, sep, task = spec.rpartition(':')
-  if sep and directory and os.path.isdir(directory) and not os.path.exists(spec):
-    from jaxprompt.methods.library import prompt_path
-    return prompt_path(directory, task)
+  """A prompt source: a prompt file, a PEFT adapter directory, or a registered kind of name
+  (`LIBRARY_DIR:TASK`, the library's prompt of TASK) -> a path `read_prompt` reads."""
+  for resolve in _SOURCE_RESOLVERS:
+    path = resolve(spec)
+    if path is not None:
+      return path
   return spec
 
 
