@@ -9,8 +9,8 @@ between the run's last collective and its check, where a late host met what proc
 already written (issue 20); a delay at start-up is absorbed by the first collective.
 
 `--scenario SEED` runs `SCENARIO` instead, each run with a random check delay (0 to MAX_DELAY_S
-s, drawn from SEED, the process and the run); each process writes OUT.PROCESS_ID: a record per
-run.
+s, drawn from SEED, the process and the run; none for process 0 in the first run, so that the
+others come after it); each process writes OUT.PROCESS_ID: a record per run.
 """
 
 import argparse
@@ -64,8 +64,9 @@ def main(root: str, out: str, coordinator: str | None, num_processes: int, proce
   records = []
   for k, (name, steps, resume) in enumerate(SCENARIO):
     draw = random.Random(f'{scenario}/{process_id}/{k}')
-    if coordinator:
-      _delay_run_dir_check(draw.uniform(0, MAX_DELAY_S))
+    if coordinator:  # the first run: process 0 first, as issue 20 met it; then any order
+      _delay_run_dir_check(0.0 if k == 0 and process_id == 0 else
+                           draw.uniform(0.0 if k else 1.0, MAX_DELAY_S))
     try:
       t0 = time.process_time()
       r, prompt = one_run(name, steps, resume)
