@@ -358,3 +358,30 @@ def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys, reduced_
     assert cli.main(argv[:-2] + ['--out', str(tmp_path / 'x')] + bad) == 2
     err = capsys.readouterr().err.strip()
     assert err.count('\n') == 0 and needle in err, err
+
+
+def test_sources_command_runs_as_documented_and_resumes_after_a_failure(tiny, monkeypatch,
+                                                                          capsys):
+  """`jaxprompt spot sources --library lib ...` (its run folder inside the new library) trains
+  and writes the library; a run that failed after training (here: adding to the library) is
+  run again as it was and finishes from its run folder, the task embeddings as first taken."""
+  root, tasks = tiny['root'], tiny['tasks'][:2]
+  library = str(root / 'doc_library')
+  args = ['spot', 'sources', '--tasks', ','.join(tasks), '--library', library, '--backbone',
+          tiny['ckpt'], '--steps', '4', '--batch_size', '8', '--eval_period', '2',
+          '--embedding_steps', '2', '--prompt_length', '3', '--vocabulary', tiny['spm']]
+  original_add = lib.add
+  monkeypatch.setattr(lib, 'add', lambda *a, **k: (_ for _ in ()).throw(OSError('disk full')))
+  assert cli.main(args) == 2
+  assert 'disk full' in capsys.readouterr().err
+  runs = glob.glob(os.path.join(library, 'runs', 'sources_*'))
+  assert len(runs) == 1 and os.path.exists(os.path.join(runs[0], spot.EMBEDDINGS_FILE))
+  first_embeddings = spot._load_stack(os.path.join(runs[0], spot.EMBEDDINGS_FILE))
+  monkeypatch.setattr(lib, 'add', original_add)
+  assert cli.main(args) == 0, capsys.readouterr().err
+  assert sorted(lib.entries(library)) == sorted(tasks)
+  for i, task in enumerate(tasks):
+    np.testing.assert_array_equal(lib.load_embedding(library, task), first_embeddings[i])
+  rows = [json.loads(line) for line in open(os.path.join(runs[0], 'metrics.jsonl'))]
+  assert [r['step'] for r in rows if r['split'] == 'train'] == [2, 4]  # once each: not retrained
+  assert cli.main(args) == 2 and 'already holds' in capsys.readouterr().err

@@ -170,6 +170,20 @@ class SourcesResult:
   tune_result: Any = dataclasses.field(repr=False, default=None)
 
 
+EMBEDDINGS_FILE = 'task_embeddings.safetensors'  # in a sources run: the rows at embedding_steps
+
+
+def _save_stack(path: str, stack: np.ndarray) -> None:
+  from safetensors.numpy import save_file
+  save_file({'stack': np.ascontiguousarray(stack, np.float32)}, path + '.tmp')
+  os.replace(path + '.tmp', path)
+
+
+def _load_stack(path: str) -> np.ndarray:
+  from safetensors.numpy import load_file
+  return load_file(path)['stack']
+
+
 def train_sources(tasks: Sequence[str], library: str, backbone, model_dir: str, *,
                   train_steps: int = PAPER_SOURCE_STEPS, batch_size: int = 32,
                   eval_period: int = 500, embedding_steps: int | None = None,
@@ -202,29 +216,39 @@ def train_sources(tasks: Sequence[str], library: str, backbone, model_dir: str, 
                                        embedding_steps != train_steps)):
     raise ValueError(f'embedding_steps {embedding_steps} must be a multiple of eval_period '
                      f'{eval_period} and at most train_steps {train_steps}')
+  from jaxprompt.train import agreement
   if os.path.exists(library) and not replace:
     held = [t for t in tasks if t in lib.entries(library)]
     if held:
       raise LibraryError(f'{library}: already holds {", ".join(held)}; pass --replace')
   elif os.path.exists(library):
     lib.read_index(library)
+  # The library exists before training: its default run folder (LIBRARY/runs/...) lives inside
+  # it, and a directory that is not a library fails now, not after the training.
+  agreement.by_writer(f'{library}: the prompt library', lambda: lib.create(library))
   name = mixture or register_tasks_mixture(tasks)
   from jaxprompt.data.tasks import member_tasks
   from jaxprompt.methods import prompt_stack
   members = list(member_tasks(name))
   run = dict(backbone=backbone, model_dir=model_dir, method='prompt_stack',
              batch_size=batch_size, eval_period=eval_period, prompt_init=prompt_init, **options)
-  resume = run.pop('resume', False)
+  # Every stage resumes the run it left in model_dir (a run of other settings is refused), so a
+  # killed or failed `spot sources` continues where it stopped when run again.
+  run.pop('resume', None)
   start = time.time()
   embeddings = {}
   if embedding_steps is not None:
     # The same run stopped at the embedding step: its latest checkpoint is the snapshot, and
     # resuming continues it bit for bit (the prompt-tuning rate is constant) to train_steps.
-    tune(name, train_steps=embedding_steps, resume=resume, **run)
-    stack = restore_stack(model_dir, embedding_steps)
+    # The snapshot is kept in model_dir, as later checkpoints replace that step's.
+    snapshot = os.path.join(model_dir, EMBEDDINGS_FILE)
+    if not agreement.same(f'{snapshot}: taken', lambda: os.path.exists(snapshot)):
+      tune(name, train_steps=embedding_steps, resume=True, **run)
+      stack = np.asarray(restore_stack(model_dir, embedding_steps), np.float32)
+      agreement.by_writer(f'{snapshot}: write', lambda: _save_stack(snapshot, stack))
+    stack = _load_stack(snapshot)
     embeddings = {t: stack[i] for i, t in enumerate(members)}
-    resume = True
-  result = tune(name, train_steps=train_steps, resume=resume, **run)
+  result = tune(name, train_steps=train_steps, resume=True, **run)
   seconds = time.time() - start
   values, records = prompt_stack.best_rows(model_dir)  # each task's row at its own best
   rows = {t: dict(step=records[t]['step'], metrics=records[t]['metrics'],
@@ -733,8 +757,9 @@ def read_transfer_results_similarity(path: str, targets, sources) -> list[list[f
 
 
 def _run(args) -> int:
+  # `spot lab` is the lab's study (`jaxprompt/lab/spot_study.py`): the CLI sends it there.
   return {'sources': _sources_command, 'embed': _embed_command, 'rank': _rank_command,
-          'evaluate': _evaluate_command, 'lab': _lab_command}[args.spot_command](args)
+          'evaluate': _evaluate_command}[args.spot_command](args)
 
 
 COMMANDS = {'spot': Command('SPoT: source prompts, task embeddings, retrieval (Vu et al. 2022)',
