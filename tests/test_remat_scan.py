@@ -260,13 +260,13 @@ def _bf16_errors(cfg, params, batch, prompt):
   def run(params, activations):
     module = Transformer(cfg.replace(dtype=activations))
 
-    def loss(prompt):
+    def loss(prompt, params):  # params an argument: captured, XLA would fold 77M constants
       logits = module.apply({'params': params}, batch['enc'], batch['dec'], batch['tgt'],
                             enable_dropout=False, prompt=prompt)
       value, _ = loss_and_metrics(logits, batch['tgt'], (batch['tgt'] > 0).astype(jnp.float32))
       return value, logits
 
-    (value, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(prompt)
+    (value, logits), grad = jax.jit(jax.value_and_grad(loss, has_aux=True))(prompt, params)
     assert grad.dtype == jnp.float32  # the trainable's gradient stays float32
     return float(value), np.asarray(logits, np.float32), np.asarray(grad)
 
