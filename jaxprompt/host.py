@@ -29,8 +29,14 @@ def runs_on_cpu(environ=None) -> bool:
   platforms = environ.get('JAX_PLATFORMS', '').strip()
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
-  plugins = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin', 'libtpu')
-  return not any(importlib.util.find_spec(p) is not None for p in plugins)
+  plugins = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin')
+  if any(importlib.util.find_spec(p) is not None for p in plugins):
+    return False
+  # libtpu alone is no TPU: the `tpu` extra installs it on any machine for `jaxprompt plan`'s
+  # ahead-of-time compiles. A TPU host also has the chips' device files.
+  import glob
+  has_tpu = glob.glob('/dev/accel*') or glob.glob('/dev/vfio/[0-9]*')
+  return not (has_tpu and importlib.util.find_spec('libtpu') is not None)
 
 
 def huge_pages_env(environ=None) -> dict[str, str] | None:

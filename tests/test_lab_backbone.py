@@ -33,6 +33,7 @@ def test_build_writes_a_real_checkpoint_and_is_reused(built):
   assert os.path.getmtime(os.path.join(directory, 'manifest.json')) == before
 
 
+@pytest.mark.slow  # builds a reduced lab backbone: ~40 s idle
 def test_reduced_build_beats_a_random_backbone_on_a_source_task(built):
   _, ckpt = built
   bb = load_backbone(ckpt)

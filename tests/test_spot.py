@@ -239,7 +239,9 @@ def test_evaluate_command_writes_table_csv_png(tmp_path, capsys):
   assert '--overwrite' in capsys.readouterr().err
 
 
-@pytest.mark.parametrize('run_file', sorted(glob.glob(os.path.join(GIN_DIR, 'runs', 'spot_*.gin'))))
+@pytest.mark.parametrize('run_file', [  # one in the fast tier, the others in the full tier
+    f if f.endswith('spot_source.gin') else pytest.param(f, marks=pytest.mark.slow)
+    for f in sorted(glob.glob(os.path.join(GIN_DIR, 'runs', 'spot_*.gin')))])
 def test_spot_gin_run_files_parse_and_run_one_step(run_file, tiny, capsys):
   """Each SPoT run file parses with the paper's settings and runs a step with overrides."""
   import gin
@@ -360,6 +362,7 @@ def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys, reduced_
     assert err.count('\n') == 0 and needle in err, err
 
 
+@pytest.mark.slow  # two runs of the command: ~25 s idle
 def test_sources_command_runs_as_documented_and_resumes_after_a_failure(tiny, monkeypatch,
                                                                           capsys):
   """`jaxprompt spot sources --library lib ...` (its run folder inside the new library) trains
