@@ -30,4 +30,4 @@ def test_readme_has_the_two_commands():
   text = README.read_text()
   commands = [line for line in text.splitlines() if line.startswith('python3 -m venv .venv')]
   assert len(commands) == 2
-  assert commands[0].endswith('jaxprompt tune') and commands[1].endswith('-m pytest')
+  assert commands[0].endswith('jaxprompt tune') and commands[1].endswith('-m pytest -n 2')
