@@ -95,6 +95,15 @@ def test_plan_options_fail_in_one_line():
     assert '\n' not in str(e.value)
 
 
+def test_plan_reads_a_checkpoints_config_without_its_weights(t5x_fixtures):
+  expected = json.loads((t5x_fixtures / 't5_1_1_tiny_gated' / 'config.json').read_text())
+  for kind in ('legacy', 'orbax'):
+    config = plan_lib.resolve_model(str(t5x_fixtures / 't5_1_1_tiny_gated' / kind))
+    for key in ('emb_dim', 'num_heads', 'head_dim', 'mlp_dim', 'num_decoder_layers'):
+      assert getattr(config, key) == expected['t5x_T5Config'][key], (kind, key)
+  assert plan_lib.resolve_model('models/t5_1_1/xxl.gin').emb_dim == 4096
+
+
 def test_out_of_hbm_is_a_row_not_a_failure():
   """libtpu refuses to compile a program that does not fit; its message becomes the row."""
   message = ('RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO '
