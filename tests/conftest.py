@@ -41,6 +41,17 @@ TINY_RELU = T5Config(vocab_size=70, emb_dim=16, num_heads=2, head_dim=6, mlp_dim
                      logits_via_embedding=True)
 
 
+# The batch every parity test feeds both frameworks: padding in both inputs, decoder inputs the
+# targets shifted right with start token 0.
+ENCODER_TOKENS = np.array([[5, 6, 7, 8, 9, 10, 1],
+                           [11, 12, 1, 0, 0, 0, 0],
+                           [13, 14, 15, 16, 1, 0, 0]], np.int32)
+TARGETS = np.array([[21, 22, 23, 1, 0],
+                    [24, 1, 0, 0, 0],
+                    [25, 26, 27, 28, 1]], np.int32)
+DECODER_INPUTS = np.concatenate([np.zeros((3, 1), np.int32), TARGETS[:, :-1]], axis=1)
+
+
 def pytest_unconfigure(config):
   """The session's temp folder goes with the session (each xdist worker has its own)."""
   shutil.rmtree(SESSION_TMP, ignore_errors=True)

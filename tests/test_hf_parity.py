@@ -17,14 +17,7 @@ from jaxprompt.checkpoints import flatten, load_t5, save_hf  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
-# Padding in both inputs; decoder inputs are the targets shifted right with start token 0.
-ENCODER_TOKENS = np.array([[5, 6, 7, 8, 9, 10, 1],
-                           [11, 12, 1, 0, 0, 0, 0],
-                           [13, 14, 15, 16, 1, 0, 0]], np.int32)
-TARGETS = np.array([[21, 22, 23, 1, 0],
-                    [24, 1, 0, 0, 0],
-                    [25, 26, 27, 28, 1]], np.int32)
-DECODER_INPUTS = np.concatenate([np.zeros((3, 1), np.int32), TARGETS[:, :-1]], axis=1)
+from conftest import DECODER_INPUTS, ENCODER_TOKENS, TARGETS  # noqa: E402 - the parity batch
 
 
 def hf_logits(directory) -> np.ndarray:

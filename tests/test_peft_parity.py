@@ -40,14 +40,7 @@ CONFIG = TINY_GATED.replace(dropout_rate=0.0)
 PROMPT_LENGTH = 4
 ATOL = 1e-4
 
-# Padded encoder inputs and targets; decoder inputs are targets shifted right (start id 0).
-ENCODER_TOKENS = np.array([[5, 6, 7, 8, 9, 10, 1],
-                           [11, 12, 1, 0, 0, 0, 0],
-                           [13, 14, 15, 16, 1, 0, 0]], np.int32)
-TARGETS = np.array([[21, 22, 23, 1, 0],
-                    [24, 1, 0, 0, 0],
-                    [25, 26, 27, 28, 1]], np.int32)
-DECODER_INPUTS = np.concatenate([np.zeros((3, 1), np.int32), TARGETS[:, :-1]], axis=1)
+from conftest import DECODER_INPUTS, ENCODER_TOKENS, TARGETS  # noqa: E402 - the parity batch
 VALID = TARGETS > 0
 
 

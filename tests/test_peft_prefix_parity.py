@@ -38,13 +38,7 @@ LENGTH, HIDDEN, RTOL = 4, 7, 1e-4
 # decoder; a deeper, even one (4) needs num_layers=4 and shares prefixes between layers.
 DEPTHS = {'enc3_dec2': (3, 2), 'enc2_dec4': (2, 4)}
 
-ENCODER_TOKENS = np.array([[5, 6, 7, 8, 9, 10, 1],
-                           [11, 12, 1, 0, 0, 0, 0],
-                           [13, 14, 15, 16, 1, 0, 0]], np.int32)
-TARGETS = np.array([[21, 22, 23, 1, 0],
-                    [24, 1, 0, 0, 0],
-                    [25, 26, 27, 28, 1]], np.int32)
-DECODER_INPUTS = np.concatenate([np.zeros((3, 1), np.int32), TARGETS[:, :-1]], axis=1)
+from conftest import DECODER_INPUTS, ENCODER_TOKENS, TARGETS  # noqa: E402 - the parity batch
 VALID = TARGETS > 0
 
 
