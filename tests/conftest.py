@@ -52,6 +52,27 @@ TARGETS = np.array([[21, 22, 23, 1, 0],
 DECODER_INPUTS = np.concatenate([np.zeros((3, 1), np.int32), TARGETS[:, :-1]], axis=1)
 
 
+def assert_close(actual, reference, what: str, rtol: float) -> None:
+  """max |actual - reference| <= rtol x max |reference| (a nonzero reference), shapes equal."""
+  actual, reference = np.asarray(actual), np.asarray(reference)
+  assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
+  scale = float(np.abs(reference).max())
+  assert scale > 0, f'{what}: the reference is all zeros'
+  err = float(np.abs(actual - reference).max())
+  assert err <= rtol * scale, f'{what}: max |diff| {err:.3g} > {rtol} x {scale:.3g}'
+
+
+def assert_trees_close(tree, reference, rtol: float) -> None:
+  """`assert_close` leaf by leaf over two trees of the same structure (dict keys)."""
+  import jax
+  assert jax.tree_util.tree_structure(tree) == jax.tree_util.tree_structure(reference)
+  for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+    ref = reference
+    for key in path:
+      ref = ref[key.key]
+    assert_close(leaf, ref, f'd loss / d {jax.tree_util.keystr(path)}', rtol)
+
+
 def pytest_unconfigure(config):
   """The session's temp folder goes with the session (each xdist worker has its own)."""
   shutil.rmtree(SESSION_TMP, ignore_errors=True)

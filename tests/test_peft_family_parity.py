@@ -35,7 +35,8 @@ CONFIG = TINY_GATED.replace(emb_dim=24, dropout_rate=0.0)
 LENGTH, HIDDEN, TASKS, RANK = 5, 7, 3, 2
 RTOL = 1e-4
 
-from conftest import DECODER_INPUTS, ENCODER_TOKENS, TARGETS  # noqa: E402 - the parity batch
+from conftest import (  # noqa: E402 - the parity batch and checks
+    DECODER_INPUTS, ENCODER_TOKENS, TARGETS, assert_close, assert_trees_close)
 VALID = TARGETS > 0
 TASK_IDS = np.array([2, 0, 1], np.int32)
 BATCH = {'encoder_input_tokens': jnp.asarray(ENCODER_TOKENS),
@@ -45,12 +46,7 @@ BATCH = {'encoder_input_tokens': jnp.asarray(ENCODER_TOKENS),
 
 
 def close(actual, reference, what):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.shape == reference.shape, what
-  scale = float(np.abs(reference).max())
-  assert scale > 0, f'{what}: the reference is all zeros'
-  err = float(np.abs(actual - reference).max())
-  assert err <= RTOL * scale, f'{what}: max |diff| {err:.3g} > {RTOL} x {scale:.3g}'
+  assert_close(actual, reference, what, RTOL)
 
 
 @pytest.fixture(scope='module')
@@ -163,12 +159,7 @@ def test_p_tuning_prompt_loss_and_encoder_gradients_match_peft(backbone, encoder
   assert ref_loss > 1.0
   close(float(loss), ref_loss, 'loss')
   ref_grads = ptuning_grads_of(encoder, encoder_type)
-  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ref_grads)
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    ref = ref_grads
-    for key in path:
-      ref = ref[key.key]
-    close(g, ref, f'd loss / d {jax.tree_util.keystr(path)}')
+  assert_trees_close(grads, ref_grads, RTOL)
 
 
 def test_p_tuning_initialises_as_peft_does():

@@ -38,17 +38,13 @@ LENGTH, HIDDEN, RTOL = 4, 7, 1e-4
 # decoder; a deeper, even one (4) needs num_layers=4 and shares prefixes between layers.
 DEPTHS = {'enc3_dec2': (3, 2), 'enc2_dec4': (2, 4)}
 
-from conftest import DECODER_INPUTS, ENCODER_TOKENS, TARGETS  # noqa: E402 - the parity batch
+from conftest import (  # noqa: E402 - the parity batch and checks
+    DECODER_INPUTS, ENCODER_TOKENS, TARGETS, assert_close, assert_trees_close)
 VALID = TARGETS > 0
 
 
 def close(actual, reference, what):
-  actual, reference = np.asarray(actual), np.asarray(reference)
-  assert actual.shape == reference.shape, (what, actual.shape, reference.shape)
-  scale = float(np.abs(reference).max())
-  assert scale > 0, f'{what}: the reference is all zeros'
-  err = float(np.abs(actual - reference).max())
-  assert err <= RTOL * scale, f'{what}: max |diff| {err:.3g} > {RTOL} x {scale:.3g}'
+  assert_close(actual, reference, what, RTOL)
 
 
 def t(x):
@@ -153,12 +149,7 @@ def test_logits_loss_and_prefix_gradients_match_peft(backbone, projection):
   assert ref_loss > 1.0
   close(float(loss), ref_loss, 'loss')
   ref_grads = grads_of(encoder, projection)
-  assert jax.tree_util.tree_structure(grads) == jax.tree_util.tree_structure(ref_grads)
-  for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    ref = ref_grads
-    for key in path:
-      ref = ref[key.key]
-    close(g, ref, f'd loss / d {jax.tree_util.keystr(path)}')
+  assert_trees_close(grads, ref_grads, RTOL)
   if not projection:  # PEFT's T5 layout: decoder layer i reads rows 4i, 4i+1 (mod 2n) only
     n = max(config.num_encoder_layers, config.num_decoder_layers)
     used = {(4 * i + j) % (2 * n) for i in range(config.num_decoder_layers) for j in (0, 1)}

@@ -21,12 +21,9 @@ from jaxprompt.model.network import param_shapes, params_axes
 POLICIES = ('none', 'minimal', 'full')
 
 
-def _paths(tree, prefix=()):
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      yield from _paths(v, prefix + (k,))
-    else:
-      yield prefix + (k,), v
+def _paths(tree):
+  from jaxprompt.checkpoints import flatten
+  return flatten(tree).items()
 
 
 def _batch(cfg, batch=3, length=9, targets=5, prompt_length=4, seed=0):
