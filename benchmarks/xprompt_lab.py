@@ -7,8 +7,14 @@ number of kept pieces); every prompt is then scored on the test split. It also t
 importance pass (one batch) against one train step at the same batch size, and scores the
 chosen rewound prompt with its pruned tokens dropped from the sequence instead of zero vectors.
 
-    nice -n 10 python benchmarks/xprompt_lab.py                        # small default
-    python benchmarks/xprompt_lab.py --targets has_dog --steps 200 --fractions 0.5
+    nice -n 10 python benchmarks/xprompt_lab.py                        # lab:methods, 3 seeds
+    python benchmarks/xprompt_lab.py --targets minority --seeds 0 --steps 200 --fractions 0.5
+
+Every (seed, target) is one stage 1, one control and one prune per mask kind; the seed changes
+the prompt's initial draw, the data order and the random masks. The summary gives, per target and
+fraction, the mean and sample sd over seeds, and the paired differences (pruned-and-rewound minus
+the unpruned prompt retrained for the same total steps; importance minus random masks) with
+whether the mean difference exceeds its spread (|mean| > sd and all seeds agree in sign).
 
 Writes benchmarks/results/xprompt_lab.json (refuses to replace it without --overwrite).
 """
@@ -27,8 +33,10 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import numpy as np  # noqa: E402
 
-DEFAULT_TARGETS = ('has_dog', 'more_numbers_than_colours', 'minority')
-DEFAULT_FRACTIONS = (0.3, 0.6, 0.9)
+# The lab:methods targets where prompt tuning falls short of model tuning (docs/spot.md).
+DEFAULT_TARGETS = ('count_numbers', 'minority', 'more_numbers_than_colours')
+DEFAULT_FRACTIONS = (0.3, 0.6)
+DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_STEPS = 400
 PROMPT_LENGTH = 20  # the paper's
 PIECES = 16
@@ -104,7 +112,9 @@ def run_target(target, ckpt, work, steps, fractions, seed):
                 method='xprompt', prompt_length=PROMPT_LENGTH, prompt_init='class_labels',
                 train_steps=steps, eval_period=eval_period, pieces=PIECES,
                 prune_fractions=fractions, resume=True, **common)
-  out = {'target': target, 'stage1_minutes': round((time.time() - start) / 60, 2),
+  from jaxprompt.prompts.files import read_prompt
+  out = {'target': target, 'width': int(read_prompt(stage1.best_prompt_path).value.shape[1]),
+         'stage1_minutes': round((time.time() - start) / 60, 2),
          'stage1_val': stage1.best_metrics['score']}
   say(f'{target}: stage 1 validation {out["stage1_val"]:.1f}')
   ctx = make_context(get_method('xprompt'), task, bb,
@@ -187,14 +197,85 @@ def summarise(targets: list[dict], fractions) -> dict:
   return out
 
 
+def _pick(target_row, kind, fraction, key):
+  return next(r for r in target_row[kind]['rows'] if r['fraction'] == fraction)[key]
+
+
+def _spread(values) -> dict:
+  v = np.asarray(values, float)
+  return {'mean': float(v.mean()), 'sd': float(v.std(ddof=1)) if v.size > 1 else float('nan'),
+          'n': int(v.size)}
+
+
+def _paired(a, b) -> dict:
+  """Mean and sd of the per-seed differences a - b; 'exceeds' when |mean| > sd and every seed
+  has the same sign (with 3 seeds, a difference a reader can trust only as a direction)."""
+  d = np.asarray(a, float) - np.asarray(b, float)
+  out = _spread(d)
+  out['exceeds_spread'] = bool(d.size > 1 and abs(out['mean']) > out['sd'] and
+                               (np.all(d > 0) or np.all(d < 0)))
+  return out
+
+
+def summarise_seeds(rows: list[dict], fractions) -> dict:
+  """Per target (over seeds): the unpruned prompt, its retrained control, and per fraction the
+  importance and random prompts before/after rewinding, with paired differences."""
+  out = {}
+  for target in dict.fromkeys(r['target'] for r in rows):
+    rs = sorted((r for r in rows if r['target'] == target), key=lambda r: r['seed'])
+    t = {'seeds': [r['seed'] for r in rs],
+         'unpruned_test': _spread([r['unpruned_test'] for r in rs]),
+         'unpruned_continued_test': _spread([r['unpruned_continued_test'] for r in rs])}
+    for f in fractions:
+      imp_after = [_pick(r, 'importance', f, 'test_after') for r in rs]
+      rnd_after = [_pick(r, 'random', f, 'test_after') for r in rs]
+      t[f'{f:g}'] = {
+          'importance_before': _spread([_pick(r, 'importance', f, 'test_before') for r in rs]),
+          'importance_after': _spread(imp_after),
+          'random_before': _spread([_pick(r, 'random', f, 'test_before') for r in rs]),
+          'random_after': _spread(rnd_after),
+          'kept_tokens': [_pick(r, 'importance', f, 'kept_tokens') for r in rs],
+          'trainable_parameters': _pick(rs[0], 'importance', f, 'trainable_parameters'),
+          'importance_minus_continued': _paired(imp_after,
+                                                [r['unpruned_continued_test'] for r in rs]),
+          'importance_minus_unpruned': _paired(imp_after, [r['unpruned_test'] for r in rs]),
+          'importance_minus_random': _paired(imp_after, rnd_after)}
+    out[target] = t
+  return out
+
+
+def markdown(report: dict) -> str:
+  """The table for docs/xprompt.md: test accuracy, mean +- sd over seeds."""
+  fmt = lambda s: f'{s["mean"]:.1f} ± {s["sd"]:.1f}'
+  dif = lambda s: (f'**{s["mean"]:+.1f} ± {s["sd"]:.1f}**' if s['exceeds_spread']
+                   else f'{s["mean"]:+.1f} ± {s["sd"]:.1f}')
+  lines = ['| target | prompt | kept tokens | params | importance: before -> after | '
+           'random: before -> after | after − retrained unpruned | importance − random |',
+           '|---|---|---|---|---|---|---|---|']
+  for target, t in report['summary'].items():
+    full = PROMPT_LENGTH * next(r['width'] for r in report['targets'] if r['target'] == target)
+    lines.append(f'| {target} | unpruned, stage 1 | {PROMPT_LENGTH} | {full} | '
+                 f'{fmt(t["unpruned_test"])} | | | |')
+    lines.append(f'| {target} | unpruned, retrained (control) | {PROMPT_LENGTH} | {full} | '
+                 f'{fmt(t["unpruned_continued_test"])} | | | |')
+    for f in report['settings']['fractions']:
+      r = t[f'{f:g}']
+      lines.append(
+          f'| {target} | pruned {f:g} | {"/".join(map(str, r["kept_tokens"]))} | '
+          f'{r["trainable_parameters"]} | {fmt(r["importance_before"])} -> '
+          f'{fmt(r["importance_after"])} | {fmt(r["random_before"])} -> {fmt(r["random_after"])} '
+          f'| {dif(r["importance_minus_continued"])} | {dif(r["importance_minus_random"])} |')
+  return '\n'.join(lines) + '\n'
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   p.add_argument('--targets', default=','.join(DEFAULT_TARGETS))
   p.add_argument('--fractions', default=','.join(map(str, DEFAULT_FRACTIONS)))
   p.add_argument('--steps', type=int, default=DEFAULT_STEPS,
                  help='stage-1 steps (the rewinding runs use the same schedule)')
-  p.add_argument('--seed', type=int, default=0)
-  p.add_argument('--backbone', default='lab')
+  p.add_argument('--seeds', default=','.join(map(str, DEFAULT_SEEDS)))
+  p.add_argument('--backbone', default='lab:methods')
   p.add_argument('--work', default=None, help='run directories (default: a temporary one); '
                  'reusing one resumes')
   p.add_argument('--out', default=RESULTS)
@@ -214,26 +295,36 @@ def main(argv=None) -> int:
   work = args.work or tempfile.mkdtemp(prefix='xprompt_lab_')
   say(f'work directory: {work}')
   started = time.time()
+  seeds = [int(x) for x in args.seeds.split(',')]
   results, cost = [], None
-  for target in args.targets.split(','):
-    row, stage1_prompt, bb = run_target(target, ckpt, work, args.steps, fractions, args.seed)
-    results.append(row)
-    if cost is None and not args.no_cost:
-      cost = time_costs(bb, seqio_name(target), stage1_prompt, SEQUENCE_LENGTH, BATCH_SIZE)
-      say(f'cost: train step {cost["train_step_s"] * 1e3:.1f} ms, importance pass '
-          f'{cost["importance_pass_s"] * 1e3:.1f} ms (ratio {cost["ratio"]:.2f})')
-    report = dict(
-        settings=dict(backbone=args.backbone, prompt_length=PROMPT_LENGTH, pieces=PIECES,
-                      batch_size=BATCH_SIZE, steps=args.steps, fractions=list(fractions),
-                      importance_batches=8, prompt_init='class_labels', seed=args.seed,
-                      token_share=0.5, selection='validation', scores='test split (200)'),
-        targets=results, summary=summarise(results, fractions), cost=cost,
-        minutes=round((time.time() - started) / 60, 1), machine=platform.processor() or
-        platform.machine(), cpus=os.cpu_count())
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out + '.tmp', 'w') as f:
-      json.dump(report, f, indent=1, default=float)
-    os.replace(args.out + '.tmp', args.out)
+  for seed in seeds:
+    for target in args.targets.split(','):
+      row, stage1_prompt, bb = run_target(target, ckpt, os.path.join(work, f'seed{seed}'),
+                                          args.steps, fractions, seed)
+      row['seed'] = seed
+      results.append(row)
+      if cost is None and not args.no_cost:
+        cost = time_costs(bb, seqio_name(target), stage1_prompt, SEQUENCE_LENGTH, BATCH_SIZE)
+        say(f'cost: train step {cost["train_step_s"] * 1e3:.1f} ms, importance pass '
+            f'{cost["importance_pass_s"] * 1e3:.1f} ms (ratio {cost["ratio"]:.2f})')
+      report = dict(
+          settings=dict(backbone=args.backbone, prompt_length=PROMPT_LENGTH, pieces=PIECES,
+                        batch_size=BATCH_SIZE, steps=args.steps, fractions=list(fractions),
+                        importance_batches=8, prompt_init='class_labels', seeds=seeds,
+                        token_share=0.5, selection='validation', scores='test split (200)',
+                        importance_per='example'),
+          targets=results, by_seed={s: summarise([r for r in results if r['seed'] == s],
+                                                 fractions) for s in seeds
+                                    if any(r['seed'] == s for r in results)},
+          summary=summarise_seeds(results, fractions), cost=cost,
+          minutes=round((time.time() - started) / 60, 1), machine=platform.processor() or
+          platform.machine(), cpus=os.cpu_count())
+      os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+      with open(args.out + '.tmp', 'w') as f:
+        json.dump(report, f, indent=1, default=float)
+      os.replace(args.out + '.tmp', args.out)
+      with open(os.path.splitext(args.out)[0] + '.md', 'w') as f:
+        f.write(markdown(report))
   print(json.dumps(report['summary'], indent=1))
   return 0
 
