@@ -151,18 +151,9 @@ def test_no_module_imports_a_higher_floor():
   assert not upward, 'imports up the floors:\n' + '\n'.join(upward)
 
 
-# Circles not broken yet, each with what breaks it; the test fails when one goes away too, so
-# the list only shrinks. prompts.files reads a PEFT adapter directory through checkpoints.peft,
-# which writes adapters from prompt files: the adapter reader belongs with the prompt readers.
-KNOWN_CIRCLES = [['jaxprompt.checkpoints.peft', 'jaxprompt.prompts.files']]
-
-
 def test_no_import_circle():
   found = circles(import_graph())
-  new = [c for c in found if c not in KNOWN_CIRCLES]
-  assert not new, 'import circles:\n' + '\n'.join(' <-> '.join(c) for c in new)
-  gone = [c for c in KNOWN_CIRCLES if c not in found]
-  assert not gone, f'no longer a circle, take it off KNOWN_CIRCLES: {gone}'
+  assert not found, 'import circles:\n' + '\n'.join(' <-> '.join(c) for c in found)
 
 
 def test_the_floors_are_those_of_the_design_notes():

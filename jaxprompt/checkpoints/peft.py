@@ -12,9 +12,10 @@ A PEFT prompt-tuning adapter is a directory with two files:
 
 `export_peft` writes one from a jaxprompt prompt (an encoder prefix, so
 num_transformer_submodules=1) that `peft.PeftModel.from_pretrained(t5, out_dir)` loads;
-`read_peft_prompt` reads one, written by jaxprompt or by PEFT's `save_pretrained`, into a
-`PromptFile`. `read_prompt(adapter_dir)` dispatches here, so an adapter directory works wherever
-a prompt file does (`--prompt_init_file`, `jaxprompt eval --prompt`). Neither direction imports
+`read_peft_prompt` (in `jaxprompt.prompts.files`, with the other prompt readers; importable from
+here too) reads one, written by jaxprompt or by PEFT's `save_pretrained`, into a `PromptFile`.
+`read_prompt(adapter_dir)` dispatches to it, so an adapter directory works wherever a prompt file
+does (`--prompt_init_file`, `jaxprompt eval --prompt`). Neither direction imports
 torch or peft.
 
 A `prefix_tuning` product exports as a PREFIX_TUNING adapter instead (`export_prefix_peft`):
@@ -33,16 +34,16 @@ from typing import Any
 
 import numpy as np
 
-from jaxprompt.prompts.files import PromptFile, read_prompt
+# The reader lives with the other prompt readers (`read_prompt` dispatches to it); the names
+# an adapter directory uses are shared from there.
+from jaxprompt.prompts.files import PEFT_CONFIG_NAME as CONFIG_NAME
+from jaxprompt.prompts.files import PEFT_DERIVED as _DERIVED
+from jaxprompt.prompts.files import PEFT_METADATA_KEY as _METADATA_KEY
+from jaxprompt.prompts.files import PEFT_TASK_TYPE as TASK_TYPE
+from jaxprompt.prompts.files import PEFT_TENSOR_NAME as TENSOR_NAME
+from jaxprompt.prompts.files import PEFT_WEIGHTS_NAME as WEIGHTS_NAME
+from jaxprompt.prompts.files import PromptFile, read_peft_prompt, read_prompt  # noqa: F401
 from jaxprompt.prompts.files import jsonable as _jsonable
-
-CONFIG_NAME = 'adapter_config.json'
-WEIGHTS_NAME = 'adapter_model.safetensors'
-PICKLE_WEIGHTS_NAME = 'adapter_model.bin'
-TENSOR_NAME = 'prompt_embeddings'  # the key PEFT saves prompt-learning adapters under
-TASK_TYPE = 'SEQ_2_SEQ_LM'
-_METADATA_KEY = 'jaxprompt'  # extra safetensors metadata (PEFT ignores it): the prompt's metadata
-_DERIVED = ('format', 'length', 'width')
 
 
 def _peft_version() -> str | None:
@@ -263,114 +264,3 @@ def _prefix_card(base: str | None, length: int) -> str:
           f'# Prefix ({length} virtual tokens)\n\nExported by jaxprompt. Load with\n'
           '`peft.PeftModel.from_pretrained(base_model, this_directory)`; the keys and values go '
           'in front of the decoder self-attention, as PEFT\'s prefix tuning does on T5.\n')
-
-
-
-
-def is_peft_dir(path: str) -> bool:
-  """A directory holding `adapter_config.json`."""
-  return os.path.isdir(path) and os.path.isfile(os.path.join(path, CONFIG_NAME))
-
-
-def _read_tensors(file: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-  """All tensors of a safetensors file as float32 numpy (bfloat16 included) and its metadata."""
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
-  try:
-    with safe_open(file, framework='numpy') as f:
-      names, meta = list(f.keys()), dict(f.metadata() or {})
-      dtypes = {n: f.get_slice(n).get_dtype() for n in names}
-      tensors = {n: f.get_tensor(n) for n in names if dtypes[n] != 'BF16'}
-    if len(tensors) < len(names):  # numpy has no bfloat16: read those through jax
-      with safe_open(file, framework='flax') as f:
-        tensors.update({n: f.get_tensor(n) for n in names if n not in tensors})
-  except Exception as e:  # pylint: disable=broad-except  # SafetensorError is a bare Exception
-    raise ValueError(f'{file}: not a readable safetensors file ({e})') from None
-  return {n: np.asarray(t, np.float32) for n, t in tensors.items()}, meta
-
-
-def read_peft_prompt(adapter_dir: str) -> PromptFile:
-  """Reads a PEFT prompt-tuning adapter directory into a `PromptFile`.
-
-  The prompt is the first `num_virtual_tokens` rows of `prompt_embeddings` (the encoder prompt;
-  with num_transformer_submodules=2 the decoder prompt after it is dropped, and the metadata
-  says so). Metadata: backbone (base_model_name_or_path), task_type, init (prompt_tuning_init,
-  or the original init of a prompt jaxprompt exported), peft_version, and the rest of the
-  jaxprompt metadata of a prompt jaxprompt exported.
-  """
-  if not os.path.isdir(adapter_dir):
-    raise FileNotFoundError(f'{adapter_dir}: no such PEFT adapter directory')
-  config_file = os.path.join(adapter_dir, CONFIG_NAME)
-  if not os.path.isfile(config_file):
-    raise FileNotFoundError(f'{config_file}: missing; a PEFT adapter directory holds '
-                            f'{CONFIG_NAME} and {WEIGHTS_NAME} (save it with save_pretrained)')
-  try:
-    with open(config_file) as f:
-      config = json.load(f)
-  except ValueError as e:
-    raise ValueError(f'{config_file}: not valid JSON ({e})') from None
-  if not isinstance(config, dict):
-    raise ValueError(f'{config_file}: not a PEFT adapter config (a JSON object)')
-  peft_type = config.get('peft_type')
-  if peft_type != 'PROMPT_TUNING':
-    raise ValueError(f'{config_file}: peft_type {peft_type} is not PROMPT_TUNING; only '
-                     'prompt-tuning adapters convert to soft prompts (train one with '
-                     'PromptTuningConfig, or tune a prompt with jaxprompt tune)')
-  try:
-    length = int(config['num_virtual_tokens'])
-    submodules = int(config.get('num_transformer_submodules') or 1)
-  except (KeyError, TypeError, ValueError) as e:
-    raise ValueError(f'{config_file}: bad num_virtual_tokens / num_transformer_submodules '
-                     f'({e!r})') from None
-  if length < 1 or submodules not in (1, 2):
-    raise ValueError(f'{config_file}: num_virtual_tokens={length}, num_transformer_submodules='
-                     f'{submodules}; expected >= 1 and 1 or 2')
-
-  weights = os.path.join(adapter_dir, WEIGHTS_NAME)
-  if not os.path.isfile(weights):
-    if os.path.exists(os.path.join(adapter_dir, PICKLE_WEIGHTS_NAME)):
-      raise ValueError(f'{os.path.join(adapter_dir, PICKLE_WEIGHTS_NAME)}: a pickle file (loading '
-                       f'it can run code) and {WEIGHTS_NAME} is missing; re-save the adapter with '
-                       'save_pretrained(..., safe_serialization=True)')
-    raise FileNotFoundError(f'{weights}: missing; a PEFT adapter directory holds {CONFIG_NAME} '
-                            f'and {WEIGHTS_NAME} (save it with save_pretrained)')
-  tensors, file_meta = _read_tensors(weights)
-  if TENSOR_NAME not in tensors:
-    raise ValueError(f'{weights}: holds no tensor named "{TENSOR_NAME}" (found '
-                     f'{sorted(tensors)}); not a PEFT prompt-tuning adapter')
-  value = tensors[TENSOR_NAME]
-  width = config.get('token_dim')
-  if value.ndim != 2 or value.shape[0] != length * submodules or (
-      width is not None and value.shape[1] != int(width)):
-    raise ValueError(f'{weights}: {TENSOR_NAME} has shape {tuple(value.shape)}, but '
-                     f'{CONFIG_NAME} says [{length} x {submodules}, {width}] '
-                     '(num_virtual_tokens x num_transformer_submodules, token_dim)')
-
-  meta: dict[str, Any] = {}
-  raw = file_meta.get(_METADATA_KEY)
-  if raw:
-    try:
-      meta.update({k: v for k, v in json.loads(raw).items() if k not in _DERIVED})
-    except (ValueError, AttributeError):
-      pass  # foreign or damaged extra metadata: the adapter config below is what counts
-  # A prompt jaxprompt exported keeps its own init; PEFT's 'RANDOM' there is a placeholder.
-  meta.setdefault('init', config.get('prompt_tuning_init'))
-  meta.update(format='peft', source=adapter_dir, task_type=config.get('task_type'),
-              num_transformer_submodules=submodules)
-  if config.get('base_model_name_or_path'):
-    meta['backbone'] = config['base_model_name_or_path']
-  for key in ('prompt_tuning_init_text', 'peft_version', 'revision'):
-    if config.get(key):
-      meta[key] = config[key]
-  if config.get('task_type') not in (None, TASK_TYPE):
-    warnings.warn(f'{config_file}: a {config["task_type"]} adapter; jaxprompt prompts are '
-                  f'encoder prompts of {TASK_TYPE} (T5) models', stacklevel=2)
-  if submodules == 2:
-    meta['decoder_prompt_dropped'] = (
-        f'num_transformer_submodules=2: kept the first {length} rows (the encoder prompt), '
-        f'dropped the {length} decoder-prompt rows; jaxprompt prompts the encoder only')
-    warnings.warn(f'{adapter_dir}: num_transformer_submodules=2; using the encoder prompt (first '
-                  f'{length} rows) and dropping the decoder prompt', stacklevel=2)
-    value = value[:length]
-  value = np.ascontiguousarray(value)
-  meta.update(length=int(value.shape[0]), width=int(value.shape[1]))
-  return PromptFile(value, meta)

@@ -5,7 +5,7 @@ A prompt file holds the tensor `prompt` ([P, d], or [n, P, d] for a stack), opti
 backbone it was trained for, task, step, metrics, init and the jaxprompt version.
 `.npy` files in google-research/prompt-tuning's convention (a bare [P, d] array) are
 read too, with `allow_pickle=False`, and so are Hugging Face PEFT prompt-tuning adapter
-directories (`jaxprompt.checkpoints.peft`).
+directories (`read_peft_prompt`; `jaxprompt.checkpoints.peft` writes them).
 """
 
 from __future__ import annotations
@@ -20,6 +20,15 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 FORMAT = 'jaxprompt.prompt/1'
+
+# Hugging Face PEFT adapter directories (written by `jaxprompt.checkpoints.peft`, read here).
+PEFT_CONFIG_NAME = 'adapter_config.json'
+PEFT_WEIGHTS_NAME = 'adapter_model.safetensors'
+PEFT_PICKLE_NAME = 'adapter_model.bin'
+PEFT_TENSOR_NAME = 'prompt_embeddings'  # the key PEFT saves prompt-learning adapters under
+PEFT_TASK_TYPE = 'SEQ_2_SEQ_LM'
+PEFT_METADATA_KEY = 'jaxprompt'  # extra safetensors metadata (PEFT ignores it): our metadata
+PEFT_DERIVED = ('format', 'length', 'width')  # metadata recomputed from the tensor on reading
 
 
 @dataclasses.dataclass
@@ -91,10 +100,9 @@ def read_prompt(path: str) -> PromptFile:
   if not os.path.exists(path):
     raise FileNotFoundError(f'{path}: no such prompt file')
   if os.path.isdir(path):
-    if not os.path.isfile(os.path.join(path, 'adapter_config.json')):
-      raise ValueError(f'{path}: a directory without adapter_config.json; pass a .safetensors or '
+    if not is_peft_dir(path):
+      raise ValueError(f'{path}: a directory without {PEFT_CONFIG_NAME}; pass a .safetensors or '
                        '.npy prompt file, or a PEFT prompt-tuning adapter directory')
-    from jaxprompt.checkpoints.peft import read_peft_prompt  # pylint: disable=g-import-not-at-top
     return read_peft_prompt(path)
   if path.endswith('.npy'):
     try:
@@ -166,3 +174,117 @@ def describe_prompt(path: str) -> str:
     if key in p.metadata:
       lines.append(f'  {key}: {p.metadata[key]}')
   return '\n'.join(lines)
+
+
+# Hugging Face PEFT prompt-tuning adapters -> prompt files (written by jaxprompt.checkpoints.peft).
+
+
+def is_peft_dir(path: str) -> bool:
+  """A directory holding `adapter_config.json`."""
+  return os.path.isdir(path) and os.path.isfile(os.path.join(path, PEFT_CONFIG_NAME))
+
+
+def _read_tensors(file: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """All tensors of a safetensors file as float32 numpy (bfloat16 included) and its metadata."""
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  try:
+    with safe_open(file, framework='numpy') as f:
+      names, meta = list(f.keys()), dict(f.metadata() or {})
+      dtypes = {n: f.get_slice(n).get_dtype() for n in names}
+      tensors = {n: f.get_tensor(n) for n in names if dtypes[n] != 'BF16'}
+    if len(tensors) < len(names):  # numpy has no bfloat16: read those through jax
+      with safe_open(file, framework='flax') as f:
+        tensors.update({n: f.get_tensor(n) for n in names if n not in tensors})
+  except Exception as e:  # pylint: disable=broad-except  # SafetensorError is a bare Exception
+    raise ValueError(f'{file}: not a readable safetensors file ({e})') from None
+  return {n: np.asarray(t, np.float32) for n, t in tensors.items()}, meta
+
+
+def read_peft_prompt(adapter_dir: str) -> PromptFile:
+  """Reads a PEFT prompt-tuning adapter directory into a `PromptFile`.
+
+  The prompt is the first `num_virtual_tokens` rows of `prompt_embeddings` (the encoder prompt;
+  with num_transformer_submodules=2 the decoder prompt after it is dropped, and the metadata
+  says so). Metadata: backbone (base_model_name_or_path), task_type, init (prompt_tuning_init,
+  or the original init of a prompt jaxprompt exported), peft_version, and the rest of the
+  jaxprompt metadata of a prompt jaxprompt exported.
+  """
+  if not os.path.isdir(adapter_dir):
+    raise FileNotFoundError(f'{adapter_dir}: no such PEFT adapter directory')
+  config_file = os.path.join(adapter_dir, PEFT_CONFIG_NAME)
+  if not os.path.isfile(config_file):
+    raise FileNotFoundError(f'{config_file}: missing; a PEFT adapter directory holds '
+                            f'{PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME} (save it with '
+                            'save_pretrained)')
+  try:
+    with open(config_file) as f:
+      config = json.load(f)
+  except ValueError as e:
+    raise ValueError(f'{config_file}: not valid JSON ({e})') from None
+  if not isinstance(config, dict):
+    raise ValueError(f'{config_file}: not a PEFT adapter config (a JSON object)')
+  peft_type = config.get('peft_type')
+  if peft_type != 'PROMPT_TUNING':
+    raise ValueError(f'{config_file}: peft_type {peft_type} is not PROMPT_TUNING; only '
+                     'prompt-tuning adapters convert to soft prompts (train one with '
+                     'PromptTuningConfig, or tune a prompt with jaxprompt tune)')
+  try:
+    length = int(config['num_virtual_tokens'])
+    submodules = int(config.get('num_transformer_submodules') or 1)
+  except (KeyError, TypeError, ValueError) as e:
+    raise ValueError(f'{config_file}: bad num_virtual_tokens / num_transformer_submodules '
+                     f'({e!r})') from None
+  if length < 1 or submodules not in (1, 2):
+    raise ValueError(f'{config_file}: num_virtual_tokens={length}, num_transformer_submodules='
+                     f'{submodules}; expected >= 1 and 1 or 2')
+
+  weights = os.path.join(adapter_dir, PEFT_WEIGHTS_NAME)
+  if not os.path.isfile(weights):
+    if os.path.exists(os.path.join(adapter_dir, PEFT_PICKLE_NAME)):
+      raise ValueError(f'{os.path.join(adapter_dir, PEFT_PICKLE_NAME)}: a pickle file (loading '
+                       f'it can run code) and {PEFT_WEIGHTS_NAME} is missing; re-save the adapter '
+                       'with save_pretrained(..., safe_serialization=True)')
+    raise FileNotFoundError(f'{weights}: missing; a PEFT adapter directory holds '
+                            f'{PEFT_CONFIG_NAME} and {PEFT_WEIGHTS_NAME} (save it with '
+                            'save_pretrained)')
+  tensors, file_meta = _read_tensors(weights)
+  if PEFT_TENSOR_NAME not in tensors:
+    raise ValueError(f'{weights}: holds no tensor named "{PEFT_TENSOR_NAME}" (found '
+                     f'{sorted(tensors)}); not a PEFT prompt-tuning adapter')
+  value = tensors[PEFT_TENSOR_NAME]
+  width = config.get('token_dim')
+  if value.ndim != 2 or value.shape[0] != length * submodules or (
+      width is not None and value.shape[1] != int(width)):
+    raise ValueError(f'{weights}: {PEFT_TENSOR_NAME} has shape {tuple(value.shape)}, but '
+                     f'{PEFT_CONFIG_NAME} says [{length} x {submodules}, {width}] '
+                     '(num_virtual_tokens x num_transformer_submodules, token_dim)')
+
+  meta: dict[str, Any] = {}
+  raw = file_meta.get(PEFT_METADATA_KEY)
+  if raw:
+    try:
+      meta.update({k: v for k, v in json.loads(raw).items() if k not in PEFT_DERIVED})
+    except (ValueError, AttributeError):
+      pass  # foreign or damaged extra metadata: the adapter config below is what counts
+  # A prompt jaxprompt exported keeps its own init; PEFT's 'RANDOM' there is a placeholder.
+  meta.setdefault('init', config.get('prompt_tuning_init'))
+  meta.update(format='peft', source=adapter_dir, task_type=config.get('task_type'),
+              num_transformer_submodules=submodules)
+  if config.get('base_model_name_or_path'):
+    meta['backbone'] = config['base_model_name_or_path']
+  for key in ('prompt_tuning_init_text', 'peft_version', 'revision'):
+    if config.get(key):
+      meta[key] = config[key]
+  if config.get('task_type') not in (None, PEFT_TASK_TYPE):
+    warnings.warn(f'{config_file}: a {config["task_type"]} adapter; jaxprompt prompts are '
+                  f'encoder prompts of {PEFT_TASK_TYPE} (T5) models', stacklevel=2)
+  if submodules == 2:
+    meta['decoder_prompt_dropped'] = (
+        f'num_transformer_submodules=2: kept the first {length} rows (the encoder prompt), '
+        f'dropped the {length} decoder-prompt rows; jaxprompt prompts the encoder only')
+    warnings.warn(f'{adapter_dir}: num_transformer_submodules=2; using the encoder prompt (first '
+                  f'{length} rows) and dropping the decoder prompt', stacklevel=2)
+    value = value[:length]
+  value = np.ascontiguousarray(value)
+  meta.update(length=int(value.shape[0]), width=int(value.shape[1]))
+  return PromptFile(value, meta)
