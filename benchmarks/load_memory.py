@@ -8,6 +8,7 @@ load runs in a fresh process, whose peak RSS is the kernel's high-water mark (`V
 
     TF_CPP_MIN_LOG_LEVEL=3 python benchmarks/load_memory.py --work /tmp/load_memory
     python benchmarks/load_memory.py --config t5_1_1_base --formats hf --meshes 1x8   # quick
+    python benchmarks/load_memory.py --formats t5x_orbax --meshes none   # writing only
 
 Meshes: `1x8` = (data 1, model 8) with T5X's standard rules; `8x1_2d` = (data 8, model 1) with
 2-D parameter sharding (`parameter_partitioning_dims=2`: `embed` on `data`). With 1-D rules an
@@ -48,10 +49,14 @@ def disk_bytes(path: str) -> int:
 
 def write_case(fmt: str, config_name: str, work: str) -> dict:
   """(child) Random params of the config's shape, then the format's writer; the write's peak
-  is measured above the params held in memory."""
+  is measured above the params held in memory (`rss_before`), and `runtime_gib` is the RSS of
+  the writer's imports before the params exist."""
   import numpy as np
+  import orbax.checkpoint  # noqa: F401  the writers' runtime, imported before the mark
+  import tensorstore  # noqa: F401
   from jaxprompt import checkpoints
   from jaxprompt.model import get_config
+  runtime = memory()['VmRSS']
   config = get_config(config_name)
   rng = np.random.default_rng(0)
   flat = {}
@@ -73,7 +78,8 @@ def write_case(fmt: str, config_name: str, work: str) -> dict:
   seconds = time.perf_counter() - start
   params_bytes = sum(v.nbytes for v in checkpoints.flatten(params).values())
   return dict(case='write', format=fmt, path=path, seconds=seconds, params_gib=params_bytes / 2**30,
-              checkpoint_gib=disk_bytes(target) / 2**30, rss_before_gib=before['VmRSS'],
+              checkpoint_gib=disk_bytes(target) / 2**30, runtime_gib=runtime,
+              rss_before_gib=before['VmRSS'],
               peak_gib=memory()['VmHWM'])
 
 
@@ -115,7 +121,7 @@ def main() -> None:
   parser.add_argument('--work', default='/tmp/jaxprompt_load_memory')
   parser.add_argument('--config', default='t5_1_1_large')
   parser.add_argument('--formats', default=','.join(FORMATS))
-  parser.add_argument('--meshes', default='1x8,8x1_2d')
+  parser.add_argument('--meshes', default='1x8,8x1_2d', help="'none': write only")
   parser.add_argument('--dtypes', default='float32')
   parser.add_argument('--json', default=os.path.join(REPO, 'benchmarks', 'results',
                                                      'load_memory.json'))
@@ -133,9 +139,10 @@ def main() -> None:
     rows.append(written)
     ckpt = written['checkpoint_gib']
     print(f'{fmt:11s} write   peak {written["peak_gib"]:.2f} GiB = params '
-          f'{written["params_gib"]:.2f} + {written["peak_gib"] - written["rss_before_gib"]:.2f}'
-          f' GiB; checkpoint {ckpt:.2f} GiB; {written["seconds"]:.0f} s', flush=True)
-    for mesh in args.meshes.split(','):
+          f'{written["params_gib"]:.2f} + runtime {written["runtime_gib"]:.2f} + '
+          f'{written["peak_gib"] - written["rss_before_gib"]:.2f} GiB; checkpoint {ckpt:.2f} GiB; '
+          f'{written["seconds"]:.0f} s', flush=True)
+    for mesh in [] if args.meshes == 'none' else args.meshes.split(','):
       for dtype in args.dtypes.split(','):
         row = child(['load', written['path'], mesh, dtype], devices=8)
         row['checkpoint_gib'] = ckpt

@@ -3,7 +3,8 @@
 T5X's Orbax checkpoint manager writes one item `state` (the train state: `target` = params,
 `state` = `{'step', 'param_states'}`) and one item `dataset` per step. Only `target` is read,
 array by array with tensorstore (OCDBT or one zarr directory per array, zarr v2 or v3, as
-`_METADATA` says), so the sharding the checkpoint was written with does not matter.
+`_METADATA` says), so the sharding the checkpoint was written with does not matter. Writing
+goes through Orbax's own handler, one array at a time (see `save_t5x_orbax`).
 """
 
 from __future__ import annotations
@@ -105,20 +106,59 @@ def leaves(path: str) -> dict[Path, Leaf]:
   return {p: store_leaf(store, lambda e, p=p: fail(p, e)) for p, store in stores.items()}
 
 
+def _one_leaf_at_a_time_registry():
+  """Orbax's standard type handlers, with numpy arrays written one at a time.
+
+  Orbax's `NumpyHandler` deep-copies every array, then writes (copies into tensorstore,
+  compresses) all of them concurrently; `save_concurrent_gb` does not bound that path. Here each
+  array is written by the same handler (so the files, `_METADATA` and `value_type` are Orbax's
+  own) but only once the previous one is on disk, and without the copy: the save is synchronous,
+  so the caller's arrays cannot change meanwhile. At most one array's compressed form is alive.
+  (`_background_serialize` is Orbax 0.12's; were it renamed, arrays would again go all at once:
+  tests/test_orbax_write_memory.py measures the peak.)
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
+  class OneLeafAtATime(ocp.type_handlers.NumpyHandler):
+
+    def __init__(self):
+      super().__init__(deepcopy_host_arrays=False)
+
+    async def _background_serialize(self, values, infos, args=None):
+      args = args or [ocp.type_handlers.SaveArgs()] * len(values)
+      for value, info, arg in zip(values, infos, args):
+        await super()._background_serialize([value], [info], [arg])
+
+  numpy_handler = OneLeafAtATime()
+  return ocp.type_handlers.create_type_handler_registry(*[
+      (ty, numpy_handler if ty is np.ndarray else ocp.type_handlers.get_type_handler(ty))
+      for ty in ocp.type_handlers.supported_types()])
+
+
+def _nbytes(value) -> int:
+  return int(np.prod(np.shape(value))) * np.dtype(value.dtype).itemsize
+
+
 def save_t5x_orbax(params: Mapping[str, Any], directory: str, step: int) -> str:
   """Writes params as T5X's Orbax checkpoint manager does: `directory/checkpoint_{step}/state/`.
 
-  The `state` item is `{'target': params, 'state': {'step': step, 'param_states': {}}}`.
+  The `state` item is `{'target': params, 'state': {'step': step, 'param_states': {}}}`. Numpy
+  arrays are written one at a time (the peak is about twice the largest array above the params);
+  jax arrays by Orbax's own handler, shard by shard from their devices (never gathered).
 
   Returns:
     The checkpoint directory `directory/checkpoint_{step}`.
   """
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  # Arrays go as they are: jax arrays are written shard by shard from their devices (never
-  # gathered), and the handler keeps at most ~1 GB in flight between devices, host and disk.
-  tree = {'target': unflatten(dict(flatten(params))),
+  flat = flatten(params)
+  tree = {'target': unflatten(dict(flat)),
           'state': {'step': np.asarray(int(step), np.int32), 'param_states': {}}}
-  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=1, save_device_host_concurrent_gb=1)
+  # Jax arrays: Orbax's handler brings at most the largest array's bytes to the host at once
+  # (its limiter refuses an array as large as the limit, hence the +1).
+  in_flight_gb = (max((_nbytes(v) for v in flat.values()), default=0) + 1) / 1e9
+  handler = ocp.PyTreeCheckpointHandler(save_concurrent_gb=in_flight_gb,
+                                        save_device_host_concurrent_gb=in_flight_gb,
+                                        type_handler_registry=_one_leaf_at_a_time_registry())
   options = ocp.CheckpointManagerOptions(step_prefix='checkpoint', create=True,
                                          enable_async_checkpointing=False)
   directory = str(directory) if '://' in str(directory) else os.path.abspath(directory)
