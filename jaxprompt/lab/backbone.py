@@ -27,21 +27,21 @@ BUILD_STEPS = 1200
 BATCH_SIZE = 64
 # Pretraining from scratch uses AdamW (warm-up + cosine): on this model and mixture it reached
 # 100% on the membership sources in 1000 steps where T5X's Adafactor (lr 0.01, no momentum)
-# was at 52-100% after 1500 (numbers in jaxprompt/lab/README.md). Prompt tuning on top of the
+# was at 52-100% after 1500 (this note is the only record). Prompt tuning on top of the
 # frozen backbone uses T5X's Adafactor as the paper does.
 LEARNING_RATE = 3e-3
 
 # A preset is everything that shapes a backbone besides the seed: model size, pretraining
 # steps, batch, peak learning rate, warm-up, the target length the mixture is trained at and the
 # mixture's rate per source skill (missing skills: rate 1). All of it goes into the cache digest.
-# Measurements behind each choice: the configurations table in jaxprompt/lab/README.md.
+# Measurements behind each choice: the configurations table in docs/lab-results.md.
 PRESETS: dict[str, dict] = {
     # The demo's backbone (`jaxprompt tune` with no arguments): 1.35 min on 2 Zen 5 cores.
     'demo': dict(steps=BUILD_STEPS, batch_size=BATCH_SIZE, learning_rate=LEARNING_RATE,
                  warmup=200, emb_dim=128, num_heads=4, head_dim=32, mlp_dim=256, layers=3,
                  rates={}, targets_length=None, relpos_lr_scale=1.0),
     # The methods' evidence (SPoT transfer, transferability, XPrompt): every source skill with a
-    # target counterpart known at >= 97.5% with its prefix (configuration E of the lab README).
+    # target counterpart known at >= 97.5% with its prefix (configuration E, docs/lab-results.md).
     # 900 steps of batch 128, 8 heads of 16, the relative-position tables at 10x the learning
     # rate, and the mixture re-weighted towards counting, position, extreme and filter: about 1.2x
     # the demo's build time.

@@ -18,7 +18,7 @@ DEFAULT_TASKS = ('has_green', 'has_dog', 'more_numbers_than_colours', 'count_num
                  'parity_animals', 'minority', 'second_word', 'has_duplicate')
 # Prompt and model tuning each get this many steps of batch 32. 300 steps left the harder
 # targets under-trained for a prompt (minority 29.5 -> 60.0 and more_numbers_than_colours
-# 77.5 -> 86.0 at 1000 steps); see the lab README for the other levers measured.
+# 77.5 -> 86.0 at 1000 steps); docs/lab-results.md has the other levers measured.
 DEFAULT_STEPS = 1000
 
 
@@ -77,7 +77,7 @@ TRANSFER_PAIRS = {
 # Source prompts (`measure_sources`): initialised from the task's prefix token, 1000 steps at
 # lr 0.1. At the paper's class-label init, 600 steps and lr 0.3 a 10-token prompt reached only
 # 0.86 / 0.75 of the prefixed accuracy on count_colours / count_animals; with these settings
-# 0.99 / 0.99 (measurements in jaxprompt/lab/README.md).
+# 0.99 / 0.99 (measurements in docs/lab-results.md).
 SOURCE_STEPS = 1000
 SOURCE_LEARNING_RATE = 0.1
 SOURCE_INIT = 'prefix'
@@ -85,7 +85,7 @@ TRANSFER_STEPS = 400
 # Targets in `measure_transfer` (both inits): at the method's 0.3, T5X Adafactor's step, scaled by
 # the prompt's own RMS, carried a target prompt 2-3x its norm away from a transferred init in 400
 # steps (cosine 0.3-0.4 to it), and class-label init also did worse at 0.3 than at 0.1 on the
-# three targets measured at both (lab README, "The goal, measured on `methods`").
+# three targets measured at both (docs/lab-results.md, "the goal, measured on `methods`").
 TRANSFER_LEARNING_RATE = 0.1
 
 
