@@ -7,7 +7,7 @@
   jaxprompt eval --prompt runs/x/prompt_best.safetensors --task jaxprompt_glue_sst2 --backbone CKPT
   jaxprompt info PATH                 # a checkpoint or a prompt file
   jaxprompt lab build | report        # the lab's pretrained backbone and its measurements
-  jaxprompt lab report spot | transferability   # a method's study on the lab
+  jaxprompt lab report spot | transferability | xprompt   # a method's study on the lab
 """
 
 from __future__ import annotations
@@ -554,7 +554,8 @@ def build_parser() -> argparse.ArgumentParser:
   pa = lab_sub.add_parser('path', help="print the lab backbone's checkpoint path (built if needed)")
   pa.add_argument('--preset', default=None, help='backbone preset (default demo)')
   r = lab_sub.add_parser('report', help='measure prompt tuning vs baselines on the lab; '
-                        "a method's study: report spot | transferability (-h: its options)")
+                        "a method's study: report spot | transferability | xprompt (-h: its "
+                        'options)')
   r.add_argument('what', nargs='?', default='targets', choices=('targets', 'sources', 'transfer'),
                  help='targets: no prompt / random / prompt tuning / model tuning per target '
                       '(default); sources: each source known with its prefix and through a '
@@ -584,7 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
 # A method's study on the lab, `jaxprompt lab report STUDY ...`: each study parses its own
 # options. `jaxprompt spot lab` and `jaxprompt transfer lab` are its older names.
 LAB_STUDIES = {'spot': 'jaxprompt.lab.spot_study',
-               'transferability': 'jaxprompt.lab.transfer_report'}
+               'transferability': 'jaxprompt.lab.transfer_report',
+               'xprompt': 'jaxprompt.lab.xprompt_study'}
 STUDY_ALIASES = {('spot', 'lab'): 'spot', ('transfer', 'lab'): 'transferability'}
 
 
