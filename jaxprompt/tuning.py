@@ -275,44 +275,44 @@ def _train(method: Method, ctx: Context, model_dir: str, eng, state, validation,
 class TrainBatches:
   """This host's share of the run's training batches, from position `start` on.
 
-  Every host reads the same deterministic pipeline of *global* batches (seed, task, lengths)
-  and keeps its slice, so a global batch never depends on the number of hosts: 2 processes x
-  1 device see exactly the batches of 1 process x 2 devices. The pipeline's position is saved
-  beside each checkpoint (`save`), and a resumed run restores it instead of replaying every
-  batch consumed so far; without a saved position it replays (and says so).
+  Every host reads its rows of the same deterministic stream of *global* batches (seed, task,
+  lengths; `get_dataset` with the process index and count tokenises only those rows), so a
+  global batch never depends on the number of hosts: 2 processes x 1 device see exactly the
+  batches of 1 process x 2 devices. The pipeline's position is saved beside each checkpoint
+  (`save`), and a resumed run restores it instead of replaying every batch consumed so far;
+  without a usable saved position (none, or saved by another number of processes) it replays
+  (and says so).
   """
 
   def __init__(self, task: str, config: RunConfig, model_dir: str, start: int,
                with_task_index: bool = False):
-    from jaxprompt.data.features import get_dataset
+    from jaxprompt.data.features import PositionMismatch, get_dataset
     self.model_dir = model_dir
     self.index, count = jax.process_index(), jax.process_count()
-    if config.batch_size % count:
-      raise ValueError(f'batch_size {config.batch_size} is not a multiple of the {count} '
-                       'processes; choose one that is')
-    self.rows = slice(self.index * config.batch_size // count,
-                      (self.index + 1) * config.batch_size // count)
     self._it = get_dataset(task, config.feature_lengths, 'train', config.batch_size,
                            shuffle=True, seed=config.seed, num_epochs=None,
-                           with_task_index=with_task_index)
+                           with_task_index=with_task_index, process_index=self.index,
+                           process_count=count)
     if start:
       saved = checkpointing.data_state_path(model_dir, start, self.index)
+      why = f'no saved data position for step {start}'
       if checkpointing.data_state_exists(saved):
-        self._it.restore(saved)
-      else:
-        import sys
-        print(f'resume: no saved data position for step {start}; replaying {start} batches',
-              file=sys.stderr)
-        for _ in range(start):
-          next(self._it)
+        try:
+          self._it.restore(saved)
+          return
+        except PositionMismatch as e:
+          why = str(e)
+      import sys
+      print(f'resume: {why}; replaying {start} batches', file=sys.stderr)
+      for _ in range(start):
+        next(self._it)
 
   def __iter__(self):
     return self
 
   def __next__(self) -> dict:
     from jaxprompt.data.features import EXAMPLE_MASK
-    batch = next(self._it)
-    return {k: v[self.rows] for k, v in batch.items() if k != EXAMPLE_MASK}
+    return {k: v for k, v in next(self._it).items() if k != EXAMPLE_MASK}
 
   def save(self, step: int) -> None:
     """Saves the position after `step` batches (called by the loop with each checkpoint)."""

@@ -4,6 +4,8 @@ The reference is the whole read (seqio's own `Task.get_dataset`/`Mixture.get_dat
 task-index sampler, batched at the global size) sliced to the process's rows.
 """
 
+import os
+
 import data_helpers
 import numpy as np
 import pytest
@@ -45,7 +47,7 @@ def assert_rows(whole, mine, index, count, start=0):
   assert len(mine) and len(whole) >= start + len(mine)
   for step, batch in enumerate(mine):
     reference = whole[start + step]
-    assert sorted(batch) == sorted(reference)
+    assert set(features.MODEL_FEATURES) <= set(batch) <= set(reference)
     for key, value in batch.items():
       np.testing.assert_array_equal(value, reference[key][rows], err_msg=f'{key} step {step}')
 
@@ -143,3 +145,46 @@ def test_bad_process_arguments(task_names):
   with pytest.raises(ValueError, match='process_index 2 of process_count 2'):
     features.get_dataset('host_part_0', LENGTHS, batch_size=8, seed=0, process_index=2,
                          process_count=2)
+
+
+def test_a_position_saved_before_readings_were_recorded_resumes_the_whole_read(task_names,
+                                                                               tmp_path):
+  it, whole = batches('host_part_1', steps=2)
+  path = str(tmp_path / 'old')
+  tf.train.Checkpoint(iterator=it._iterator).write(path)  # as saved before this change
+  expected = [next(it) for _ in range(2)]
+  resumed, _ = batches('host_part_1', steps=0)
+  resumed.restore(path)
+  assert_rows(expected, [next(resumed) for _ in range(2)], 0, 1)
+  per_host, _ = batches('host_part_1', 2, 0, steps=0)
+  with pytest.raises(features.PositionMismatch):
+    per_host.restore(path)
+
+
+def test_train_batches_resume_and_replay_their_rows(task_names, tmp_path, monkeypatch, capsys):
+  """The run's batches on process 1 of 2: a saved position resumes; at another process count
+  (process 3 of 4) the position is refused and the batches are replayed to the same place."""
+  import jax
+  from jaxprompt import tuning
+  from jaxprompt.config import RunConfig
+  config = RunConfig(batch_size=BATCH, feature_lengths=LENGTHS, seed=5)
+  _, whole = batches('host_part_0', steps=5)
+
+  def on_process(index, count):
+    monkeypatch.setattr(jax, 'process_index', lambda: index)
+    monkeypatch.setattr(jax, 'process_count', lambda: count)
+
+  on_process(1, 2)
+  run = tuning.TrainBatches('host_part_0', config, str(tmp_path), 0)
+  assert_rows(whole, [next(run) for _ in range(2)], 1, 2)
+  run.save(2)
+  assert_rows(whole, [next(tuning.TrainBatches('host_part_0', config, str(tmp_path), 2))], 1, 2,
+              start=2)
+  on_process(3, 4)  # process 3 finds a position saved for other rows (process 1 of 2's)
+  saved = os.path.join(tmp_path, 'data_state', 'step_2')
+  for name in os.listdir(saved):
+    os.rename(os.path.join(saved, name), os.path.join(saved, name.replace('_1.', '_3.')))
+  capsys.readouterr()
+  resumed = tuning.TrainBatches('host_part_0', config, str(tmp_path), 2)
+  assert 'resume with the same processes; replaying 2 batches' in capsys.readouterr().err
+  assert_rows(whole, [next(resumed) for _ in range(2)], 3, 4, start=2)

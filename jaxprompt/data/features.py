@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 from typing import Mapping, Optional
 
 import numpy as np
@@ -30,7 +29,7 @@ logger = logging.getLogger(__name__)
 TRUNCATED = 'truncated'  # passthrough feature: [inputs cut, targets cut]
 EXAMPLE_MASK = 'example_mask'
 TASK_INDEX = 'task_index'  # with_task_index: the example's task, a position in member_tasks()
-_READING_SUFFIX = '.reading.json'
+_READING_KEY = 'reading/.ATTRIBUTES/VARIABLE_VALUE'  # in a saved data position
 MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
                   'decoder_loss_weights')
 
@@ -122,22 +121,22 @@ class BatchIterator:
   def save(self, path: str) -> None:
     """Writes the pipeline's position (tf.data iterator state, shuffle buffers included), so
     `restore` continues from here without replaying what was read (T5X checkpoints its
-    dataset iterator the same way), and beside it what this pipeline reads."""
-    tf.train.Checkpoint(iterator=self._iterator).write(path)
-    with open(path + _READING_SUFFIX, 'w') as f:
-      json.dump(self.reading, f)
+    dataset iterator the same way), and with it what this pipeline reads."""
+    reading = tf.Variable(json.dumps(self.reading, sort_keys=True))
+    tf.train.Checkpoint(iterator=self._iterator, reading=reading).write(path)
 
   def restore(self, path: str) -> None:
     """Continues from a position `save` wrote; `PositionMismatch` if it was saved by another
     reading (a per-host read for other rows: another process count), which it cannot resume."""
+    recorded = _READING_KEY in dict(tf.train.list_variables(path))
     saved = {'read': 'whole'}  # positions saved before readings were recorded
-    if os.path.exists(path + _READING_SUFFIX):
-      with open(path + _READING_SUFFIX) as f:
-        saved = json.load(f)
+    if recorded:
+      saved = json.loads(tf.train.load_checkpoint(path).get_tensor(_READING_KEY))
     if saved != self.reading:
       raise PositionMismatch(f'{path}: the data position was saved by {saved}, not by this '
                              f'process\'s {self.reading}; resume with the same processes')
-    tf.train.Checkpoint(iterator=self._iterator).read(path).assert_consumed()
+    objects = dict(iterator=self._iterator, **({'reading': tf.Variable('')} if recorded else {}))
+    tf.train.Checkpoint(**objects).read(path).assert_consumed()
 
   def __next__(self) -> dict[str, np.ndarray]:
     try:
