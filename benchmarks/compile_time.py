@@ -14,13 +14,12 @@ A case is `SIZE:LAYOUT:REMAT` (`xl`/`xxl`, `unrolled`/`scan`, `none`/`minimal`/`
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+from _harness import HERE, child_env, run_child, write_json
+
 CASES = [f'{size}:{layout}:{remat}' for size in ('xl', 'xxl') for layout in ('unrolled', 'scan')
          for remat in ('none', 'full')]
 # The papers' SuperGLUE setting (issue 20): batch 32, 512 inputs + 100 prompt tokens, 8 targets.
@@ -68,17 +67,12 @@ def measure(case: str, activations: str, param_dtype: str) -> dict:
 
 
 def _child(case: str, args) -> dict:
-  env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
+  env = child_env(TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
   env.pop('XLA_FLAGS', None)  # one CPU device
-  code = (f'import json, sys; sys.path.insert(0, {HERE!r}); import compile_time as c; '
-          f'print("RESULT", json.dumps(c.measure({case!r}, {args.activations!r}, '
-          f'{args.param_dtype!r})))')
-  out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
-                       timeout=args.timeout)
-  for line in out.stdout.splitlines():
-    if line.startswith('RESULT '):
-      return json.loads(line[len('RESULT '):])
-  raise RuntimeError(f'{case}: no result\n{out.stderr[-2000:]}')
+  code = (f'import sys; sys.path.insert(0, {HERE!r}); import _harness, compile_time as c; '
+          f'_harness.emit_result(c.measure({case!r}, {args.activations!r}, '
+          f'{args.param_dtype!r}))')
+  return run_child(['-c', code], env, timeout=args.timeout, what=case)
 
 
 def main(argv=None) -> int:
@@ -96,10 +90,8 @@ def main(argv=None) -> int:
     rows.append(row)
     print(f'{case:<22} {row["lower_s"]:>8} {row["compile_s"]:>10} {row["argument_gib"]:>9} '
           f'{row["temp_gib"]:>9}', flush=True)
-  os.makedirs(os.path.dirname(args.json), exist_ok=True)
-  with open(args.json, 'w') as f:
-    json.dump(dict(rows=rows, batch=BATCH, inputs=INPUTS, prompt=PROMPT, targets=TARGETS,
-                   load_average=os.getloadavg()), f, indent=1)
+  write_json(args.json, dict(rows=rows, batch=BATCH, inputs=INPUTS, prompt=PROMPT,
+                             targets=TARGETS, load_average=os.getloadavg()))
   return 0
 
 

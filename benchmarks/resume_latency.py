@@ -17,6 +17,8 @@ import os
 import tempfile
 import time
 
+from _harness import RESULTS, write_json
+
 
 def measure(task: str, position: int, work: str) -> dict:
   import numpy as np
@@ -58,8 +60,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--positions', default='100,30000')
   parser.add_argument('--task', default='lab_has_dog')
-  parser.add_argument('--json', default=os.path.join(os.path.dirname(__file__), 'results',
-                                                     'resume_latency.json'))
+  parser.add_argument('--json', default=os.path.join(RESULTS, 'resume_latency.json'))
   args = parser.parse_args()
   from jaxprompt.lab import register_lab_tasks
   register_lab_tasks()
@@ -72,8 +73,7 @@ def main() -> None:
   for r in rows:
     print(f'| {r["position"]} | {r["restore_s"]} | {r["replay_s"]} | {r["save_s"]} | '
           f'{r["state_bytes"] // 1024} |')
-  with open(args.json, 'w') as f:
-    json.dump({'load_average': os.getloadavg(), 'rows': rows}, f, indent=1)
+  write_json(args.json, {'load_average': os.getloadavg(), 'rows': rows})
 
 
 if __name__ == '__main__':

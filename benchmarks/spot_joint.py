@@ -16,12 +16,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
-import subprocess
-import sys
 import tempfile
 import time
+
+from _harness import emit_result, processor, run_child, write_json
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -85,24 +84,18 @@ def main(argv=None) -> dict:
   args = p.parse_args(argv)
   tasks = list(DEFAULT_TASKS[:args.tasks])
   if args.child:
-    print('RESULT ' + json.dumps(child(args.child, tasks, args.steps, args.batch, args.work,
-                                       args.max_eval_examples)), flush=True)
+    emit_result(child(args.child, tasks, args.steps, args.batch, args.work,
+                      args.max_eval_examples))
     return {}
   from jaxprompt.lab import backbone
   backbone.build(progress=False)  # outside the timed children
   results = {}
   with tempfile.TemporaryDirectory(prefix='spot_joint_') as work:
     for mode in ('joint', 'separate'):
-      cmd = [sys.executable, os.path.abspath(__file__), '--child', mode, '--tasks',
-             str(args.tasks), '--steps', str(args.steps), '--batch', str(args.batch),
-             '--max_eval_examples', str(args.max_eval_examples), '--work',
-             os.path.join(work, mode)]
-      out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-      line = [x for x in out.stdout.splitlines() if x.startswith('RESULT ')]
-      if out.returncode or not line:
-        sys.stderr.write(out.stderr[-3000:])
-        raise SystemExit(f'{mode} run failed (exit {out.returncode})')
-      results[mode] = json.loads(line[-1][len('RESULT '):])
+      results[mode] = run_child(
+          [os.path.abspath(__file__), '--child', mode, '--tasks', str(args.tasks), '--steps',
+           str(args.steps), '--batch', str(args.batch), '--max_eval_examples',
+           str(args.max_eval_examples), '--work', os.path.join(work, mode)], what=f'{mode} run')
       print(json.dumps(results[mode]), flush=True)
   j, s = results['joint'], results['separate']
   n = len(tasks)
@@ -112,12 +105,11 @@ def main(argv=None) -> dict:
       speedup_steady=round(j['examples_per_s_steady'] / s['examples_per_s_steady'], 2),
       goal=f'joint >= 0.8 * n = {0.8 * n:.1f}x faster (wall)',
       rss_ratio=round(j['peak_rss_mb'] / s['peak_rss_mb'], 2),
-      cpu=platform.processor() or platform.machine(), cores=os.cpu_count(),
+      cpu=processor(), cores=os.cpu_count(),
       load_average=os.getloadavg(), joint=j, separate=s)
   print(json.dumps({k: v for k, v in summary.items() if k not in ('joint', 'separate')}))
   if args.out:
-    with open(args.out, 'w') as f:
-      json.dump(summary, f, indent=1)
+    write_json(args.out, summary)
     print(f'written: {args.out}')
   return summary
 

@@ -48,54 +48,21 @@ Writes a table to stdout and JSON to benchmarks/results/train_step.json (see --j
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+from _harness import (HERE, REPO, best_time, child_env, emit_result, machine_facts, memory_mb,
+                      release_free_memory, run_child, text_table, timed_loop, write_json)
+
 CASES = ('jax_prompt', 'peft_prompt', 'jax_model', 'torch_model')
 CONFIG_NAME = 't5_1_1_small'
 BATCH, TEXT_LEN, PROMPT_LEN, TARGET_LEN = 8, 156, 100, 8
 
 
-# ----------------------------------------------------------------------------- helpers
-
-
-def memory_mb() -> dict[str, float]:
-  """Current and peak resident set size of this process, MiB (from /proc/self/status)."""
-  out = {}
-  with open('/proc/self/status') as f:
-    for line in f:
-      if line.startswith(('VmRSS:', 'VmHWM:')):
-        out[line.split(':')[0]] = int(line.split()[1]) / 1024
-  return {'rss': out.get('VmRSS', float('nan')), 'hwm': out.get('VmHWM', float('nan'))}
-
-
-def release_free_memory() -> None:
-  """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere."""
-  import ctypes
-  import gc
-  gc.collect()
-  try:
-    ctypes.CDLL('libc.so.6').malloc_trim(0)
-  except (OSError, AttributeError):
-    pass
-
-
-def reset_peak_memory() -> bool:
-  """Resets VmHWM to the current RSS (Linux >= 4.0); False where that is not allowed."""
-  try:
-    with open('/proc/self/clear_refs', 'w') as f:
-      f.write('5')
-    return True
-  except OSError:
-    return False
+# ----------------------------------------------------------------------------- the work
 
 
 def make_batch(vocab_size: int, seed: int = 0):
@@ -141,31 +108,6 @@ def model_flops(cfg, batch: int, enc_len: int, dec_len: int, mode: str) -> float
   return forward + backward_inputs + backward_weights
 
 
-def cpu_identity() -> dict:
-  """The CPU model and its vector extensions: step times differ a lot between machines."""
-  info = {}
-  try:
-    with open('/proc/cpuinfo') as f:
-      for line in f:
-        key, _, value = line.partition(':')
-        key = key.strip()
-        if key in ('model name', 'cpu family', 'model', 'flags') and key not in info:
-          info[key] = value.strip()
-  except OSError:
-    return {}
-  flags = set(info.pop('flags', '').split())
-  info['vector'] = sorted(f for f in flags if f.startswith(('avx512f', 'avx512_bf16', 'avx2',
-                                                           'amx')))
-  return info
-
-
-def child_env() -> dict[str, str]:
-  env = dict(os.environ)
-  env.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
-  env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
-  return env
-
-
 # ----------------------------------------------------------------------------- children
 
 
@@ -192,58 +134,18 @@ def child_peak(args) -> dict:
   b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), np.float32))
   mm = jax.jit(jnp.matmul)
   mm(a, b).block_until_ready()
-  times = []
-  for _ in range(args.matmul_reps):
-    t = time.perf_counter()
-    mm(a, b).block_until_ready()
-    times.append(time.perf_counter() - t)
-  out = {'jax_matmul_flops_per_s': flops / min(times)}
+  out = {'jax_matmul_flops_per_s':
+         flops / best_time(lambda: mm(a, b).block_until_ready(), args.matmul_reps)}
   del a, b
   import torch
   ta = torch.randn(n, n)
   tb = torch.randn(n, n)
   torch.matmul(ta, tb)
-  times = []
-  for _ in range(args.matmul_reps):
-    t = time.perf_counter()
-    torch.matmul(ta, tb)
-    times.append(time.perf_counter() - t)
-  out['torch_matmul_flops_per_s'] = flops / min(times)
+  out['torch_matmul_flops_per_s'] = flops / best_time(lambda: torch.matmul(ta, tb),
+                                                      args.matmul_reps)
   out['peak_flops_per_s'] = max(out['jax_matmul_flops_per_s'], out['torch_matmul_flops_per_s'])
   out['matmul_size'] = n
   return out
-
-
-def _timed_loop(step, warmup: int, steps: int, trim: bool = False) -> dict:
-  """Runs `step()` (which must block until done); returns timings and memory."""
-  import resource
-  t = time.perf_counter()
-  step()
-  first = time.perf_counter() - t
-  for _ in range(max(warmup - 1, 0)):
-    step()
-  if trim:
-    release_free_memory()
-  mem_before = memory_mb()
-  reset = reset_peak_memory()
-  times = []
-  r0 = resource.getrusage(resource.RUSAGE_SELF)
-  for _ in range(steps):
-    t = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - t)
-  r1 = resource.getrusage(resource.RUSAGE_SELF)
-  mem_after = memory_mb()
-  return {
-      'first_step_s': first,
-      'step_times_s': times,
-      'user_s_per_step': (r1.ru_utime - r0.ru_utime) / steps,
-      'sys_s_per_step': (r1.ru_stime - r0.ru_stime) / steps,
-      'minor_faults_per_step': (r1.ru_minflt - r0.ru_minflt) / steps,
-      'peak_rss_mb_process': max(mem_before['hwm'], mem_after['hwm']),
-      'peak_rss_mb_train': mem_after['hwm'] if reset else float('nan'),
-      'rss_mb_end': mem_after['rss'],
-  }
 
 
 def child_jax(args, mode: str) -> dict:
@@ -286,7 +188,7 @@ def child_jax(args, mode: str) -> dict:
     jax.block_until_ready((holder['state'], metrics))
     holder['metrics'] = metrics
 
-  out = _timed_loop(step, args.warmup, args.steps, args.malloc_trim)
+  out = timed_loop(step, args.warmup, args.steps, args.malloc_trim)
   out['loss_last'] = float(holder['metrics']['loss'])
   out['rss_mb_after_imports'] = base_mb
   out['rss_mb_after_load'] = loaded_mb
@@ -352,7 +254,7 @@ def child_torch(args, mode: str) -> dict:
     optimizer.zero_grad(set_to_none=True)
     holder['loss'] = float(out.loss.detach())
 
-  out = _timed_loop(step, args.warmup, args.steps, args.malloc_trim)
+  out = timed_loop(step, args.warmup, args.steps, args.malloc_trim)
   out['loss_last'] = holder['loss']
   out['rss_mb_after_imports'] = base_mb
   out['rss_mb_after_load'] = loaded_mb
@@ -362,14 +264,10 @@ def child_torch(args, mode: str) -> dict:
   return out
 
 
-def run_child(argv: list[str], env) -> dict:
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + argv, env=env, check=False,
-                        capture_output=True, text=True)
-  lines = [l for l in proc.stdout.splitlines() if l.startswith('RESULT ')]
-  if proc.returncode != 0 or not lines:
-    sys.stderr.write(proc.stderr[-4000:])
-    raise RuntimeError(f'child {argv[:2]} failed with exit code {proc.returncode}')
-  return json.loads(lines[-1][len('RESULT '):])
+def run_case(kind: str, common: list[str], env) -> dict:
+  """One child of this script: `kind` is prepare, peak or a case."""
+  return run_child([os.path.abspath(__file__), '--child', kind] + common, env,
+                   what=['--child', kind])
 
 
 # ----------------------------------------------------------------------------- parent
@@ -405,14 +303,10 @@ def table(results: dict) -> str:
                  f"{r['peak_rss_mb_process']:.0f}", f"{r['peak_rss_mb_train']:.0f}",
                  f"{r['first_step_s']:.1f}", f"{r['model_flops_per_s'] / 1e9:.0f}",
                  f"{100 * r['fraction_of_peak']:.0f}%"))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  lines = ['  '.join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
-           for row in rows]
-  lines.insert(1, '-' * len(lines[0]))
-  return '\n'.join(lines)
+  return text_table(rows)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   p.add_argument('--cases', default=','.join(CASES), help=f'comma list of {CASES}')
   p.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
@@ -441,28 +335,26 @@ def main(argv=None) -> int:
   p.add_argument('--json', default=os.path.join(HERE, 'results', 'train_step.json'))
   p.add_argument('--checkpoint', default=None, help=argparse.SUPPRESS)
   p.add_argument('--child', default=None, help=argparse.SUPPRESS)
-  args = p.parse_args(argv)
+  return p
 
-  if args.child:
-    kind = args.child
-    if kind == 'prepare':
-      result = child_prepare(args)
-    elif kind == 'peak':
-      result = child_peak(args)
-    elif kind.startswith('jax_'):
-      result = child_jax(args, kind[len('jax_'):])
-    else:
-      result = child_torch(args, 'prompt' if kind == 'peft_prompt' else 'model')
-    print('RESULT ' + json.dumps(result), flush=True)
-    return 0
 
-  cases = [c for c in args.cases.split(',') if c]
-  unknown = sorted(set(cases) - set(CASES))
-  if unknown:
-    p.error(f'unknown cases {unknown}; choose from {CASES}')
-  sys.path.insert(0, REPO)
-  from jaxprompt.model import get_config
-  config = get_config(CONFIG_NAME)
+def child_main(args) -> int:
+  kind = args.child
+  if kind == 'prepare':
+    result = child_prepare(args)
+  elif kind == 'peak':
+    result = child_peak(args)
+  elif kind.startswith('jax_'):
+    result = child_jax(args, kind[len('jax_'):])
+  else:
+    result = child_torch(args, 'prompt' if kind == 'peft_prompt' else 'model')
+  emit_result(result)
+  return 0
+
+
+def environments(args) -> tuple[dict, dict]:
+  """(the torch children's environment, the jax children's): the same malloc settings, and
+  for jax the huge-page tunable `jaxprompt` sets for itself and any extra XLA flags."""
   env = child_env()
   if args.malloc_hugetlb:
     env['GLIBC_TUNABLES'] = ':'.join(
@@ -473,39 +365,55 @@ def main(argv=None) -> int:
     jax_env = host.huge_pages_env(jax_env) or jax_env
   if args.xla_flags:
     jax_env['XLA_FLAGS'] = (env.get('XLA_FLAGS', '') + ' ' + args.xla_flags).strip()
+  return env, jax_env
+
+
+def child_flags(args) -> list[str]:
   common = ['--steps', str(args.steps), '--warmup', str(args.warmup), '--dtype', args.dtype,
             '--matmul-size', str(args.matmul_size), '--matmul-reps', str(args.matmul_reps)]
   if not args.flush_denormal:
     common.append('--no-flush-denormal')
   if args.malloc_trim:
     common.append('--malloc-trim')
-  load_start = os.getloadavg()
-  started = time.time()
+  return common
 
+
+def run_rounds(args, cases, env, jax_env) -> tuple[dict, list[dict], dict[str, list[dict]]]:
+  """Writes the weights once, then per round the matmul peak and every case (ABBA order)."""
+  common = child_flags(args)
   with tempfile.TemporaryDirectory(prefix='jaxprompt_bench_') as tmp:
     checkpoint = os.path.join(tmp, 't5_1_1_small_random')
     common += ['--checkpoint', checkpoint]
     print(f'writing random {CONFIG_NAME} weights to {checkpoint} ...', flush=True)
-    prep = run_child(['--child', 'prepare'] + common, env)
+    prep = run_case('prepare', common, env)
     peaks = []
     runs: dict[str, list[dict]] = {c: [] for c in cases}
     for rnd in range(args.rounds):
       print(f'round {rnd + 1}/{args.rounds}: float32 matmul peak ({args.matmul_size}^3) ...',
             flush=True)
-      peaks.append(run_child(['--child', 'peak'] + common, env))
+      peaks.append(run_case('peak', common, env))
       order = cases if rnd % 2 == 0 else cases[::-1]
       for case in order:
         extra = [] if (rnd == 0 and args.cost_analysis) else ['--no-cost-analysis']
-        r = run_child(['--child', case] + common + extra,
-                      jax_env if case.startswith('jax_') else env)
+        r = run_case(case, common + extra, jax_env if case.startswith('jax_') else env)
         runs[case].append(r)
         print(f"  {case}: median {statistics.median(r['step_times_s']):.2f} s/step, "
               f"peak RSS {r['peak_rss_mb_process']:.0f} MB", flush=True)
+  return prep, peaks, runs
 
+
+def best_peak(peaks: list[dict], matmul_size: int) -> dict:
   peak = {k: max(q[k] for q in peaks) for k in
           ('jax_matmul_flops_per_s', 'torch_matmul_flops_per_s', 'peak_flops_per_s')}
-  peak['matmul_size'] = args.matmul_size
+  peak['matmul_size'] = matmul_size
   peak['per_round'] = peaks
+  return peak
+
+
+def case_results(args, cases, runs, peak) -> dict:
+  """Each case pooled over its rounds, with throughput and FLOP utilisation."""
+  from jaxprompt.model import get_config
+  config = get_config(CONFIG_NAME)
   results = {}
   for case in cases:
     r = aggregate(runs[case])
@@ -522,8 +430,23 @@ def main(argv=None) -> int:
         fraction_of_peak=flops / r['step_s_median'] / peak['peak_flops_per_s'],
     )
     results[case] = r
-  load_end = os.getloadavg()
+  return results
 
+
+def framework_ratios(results: dict) -> dict:
+  """jaxprompt against its PyTorch counterpart, where both ran: throughput and memory."""
+  ratios = {}
+  for a, b in [('jax_prompt', 'peft_prompt'), ('jax_model', 'torch_model')]:
+    if a in results and b in results:
+      ratios[f'{a}_vs_{b}'] = {
+          'throughput_ratio': results[b]['step_s_median'] / results[a]['step_s_median'],
+          'peak_rss_ratio': results[a]['peak_rss_mb_process'] / results[b]['peak_rss_mb_process'],
+          'loop_rss_ratio': results[a]['peak_rss_mb_train'] / results[b]['peak_rss_mb_train'],
+      }
+  return ratios
+
+
+def print_summary(args, prep, peak, results, ratios, env, jax_env, load_start, load_end):
   print()
   print(f'{CONFIG_NAME} ({prep["params"] / 1e6:.1f}M params), batch {BATCH}, {TEXT_LEN} text '
         f'+ {PROMPT_LEN} prompt input tokens (prompt tuning), {TARGET_LEN} target tokens; '
@@ -536,30 +459,40 @@ def main(argv=None) -> int:
         f"{peak['torch_matmul_flops_per_s'] / 1e9:.0f}); load average "
         f"{load_start[0]:.1f} at start, {load_end[0]:.1f} at end on {os.cpu_count()} CPUs")
   print(table(results))
-  pairs = [('jax_prompt', 'peft_prompt'), ('jax_model', 'torch_model')]
-  ratios = {}
-  for a, b in pairs:
-    if a in results and b in results:
-      ratios[f'{a}_vs_{b}'] = {
-          'throughput_ratio': results[b]['step_s_median'] / results[a]['step_s_median'],
-          'peak_rss_ratio': results[a]['peak_rss_mb_process'] / results[b]['peak_rss_mb_process'],
-          'loop_rss_ratio': results[a]['peak_rss_mb_train'] / results[b]['peak_rss_mb_train'],
-      }
-      q = ratios[f'{a}_vs_{b}']
-      print(f"{a} vs {b}: {q['throughput_ratio']:.2f}x throughput, "
-            f"{q['peak_rss_ratio']:.2f}x peak RSS ({q['loop_rss_ratio']:.2f}x in the loop)")
+  for name, q in ratios.items():
+    a, b = name.split('_vs_')
+    print(f"{a} vs {b}: {q['throughput_ratio']:.2f}x throughput, "
+          f"{q['peak_rss_ratio']:.2f}x peak RSS ({q['loop_rss_ratio']:.2f}x in the loop)")
   for name, r in results.items():
     if 'xla_flops' in r:
       print(f"{name}: XLA counts {r['xla_flops'] / 1e9:.1f} GFLOP per step (analytic matmul "
             f"count {r['model_flops'] / 1e9:.1f}); XLA compile {r['compile_s']:.1f} s")
 
+
+def main(argv=None) -> int:
+  p = build_parser()
+  args = p.parse_args(argv)
+  if args.child:
+    return child_main(args)
+  cases = [c for c in args.cases.split(',') if c]
+  unknown = sorted(set(cases) - set(CASES))
+  if unknown:
+    p.error(f'unknown cases {unknown}; choose from {CASES}')
+  sys.path.insert(0, REPO)
+  env, jax_env = environments(args)
+  load_start = os.getloadavg()
+  started = time.time()
+  prep, peaks, runs = run_rounds(args, cases, env, jax_env)
+  peak = best_peak(peaks, args.matmul_size)
+  results = case_results(args, cases, runs, peak)
+  ratios = framework_ratios(results)
+  load_end = os.getloadavg()
+  print_summary(args, prep, peak, results, ratios, env, jax_env, load_start, load_end)
+
   report = {
       'time': time.strftime('%Y-%m-%dT%H:%M:%S%z', time.localtime(started)),
       'wall_s': time.time() - started,
-      'machine': {'platform': platform.platform(), 'processor': platform.processor(),
-                  'cpus': os.cpu_count(), 'cpu': cpu_identity(),
-                  'python': platform.python_version(),
-                  'loadavg_start': load_start, 'loadavg_end': load_end},
+      'machine': dict(machine_facts(), loadavg_start=load_start, loadavg_end=load_end),
       'config': CONFIG_NAME, 'params': prep['params'],
       'batch': BATCH, 'text_tokens': TEXT_LEN, 'prompt_tokens': PROMPT_LEN,
       'target_tokens': TARGET_LEN, 'steps': args.steps, 'warmup': args.warmup,
@@ -569,9 +502,7 @@ def main(argv=None) -> int:
       'malloc_trim': args.malloc_trim,
       'peak': peak, 'results': results, 'ratios': ratios,
   }
-  os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-  with open(args.json, 'w') as f:
-    json.dump(report, f, indent=2)
+  write_json(args.json, report, indent=2)
   print(f'wrote {args.json}')
   return 0
 

@@ -16,15 +16,14 @@ repeat's own ratio (paired). --json FILE writes all times.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 import numpy as np  # noqa: E402
+from _harness import processor, write_json  # noqa: E402
 
 PROMPT_LENGTH = 20  # the paper's
 PIECES = 16
@@ -97,7 +96,7 @@ def measure(args) -> dict:
           # the median of each repeat's own ratio: steadier when the machine's load drifts
           'paired_ratio': {n: float(np.median(np.array(t) / np.array(times['train_step'])))
                            for n, t in times.items() if n != 'train_step'},
-          'times_s': times, 'machine': platform.processor() or platform.machine(),
+          'times_s': times, 'machine': processor(),
           'cpus': os.cpu_count(), 'load_average': os.getloadavg()}
 
 
@@ -122,8 +121,7 @@ def main(argv=None) -> int:
     if os.path.exists(args.json):
       print(f'{args.json}: exists; not replaced', file=sys.stderr)
       return 2
-    with open(args.json, 'w') as f:
-      json.dump(out, f, indent=1)
+    write_json(args.json, out)
   return 0
 
 
