@@ -188,3 +188,13 @@ def test_train_batches_resume_and_replay_their_rows(task_names, tmp_path, monkey
   resumed = tuning.TrainBatches('host_part_0', config, str(tmp_path), 2)
   assert 'resume with the same processes; replaying 2 batches' in capsys.readouterr().err
   assert_rows(whole, [next(resumed) for _ in range(2)], 3, 4, start=2)
+
+
+def test_one_to_one_preprocessors_are_known_by_their_mark_not_their_name():
+  formatter = tasks.map_examples(lambda ex: ex)
+  assert features.maps_one_to_one(formatter)
+  assert features.maps_one_to_one(seqio.preprocessors.tokenize)
+  renamed = tasks.map_examples(lambda ex: ex)
+  renamed.__qualname__ = 'something_else'
+  assert features.maps_one_to_one(renamed)
+  assert not features.maps_one_to_one(lambda ds: ds.filter(lambda ex: True))

@@ -323,11 +323,9 @@ def _batches(dataset: tf.data.Dataset, provider, lengths: Mapping[str, int],
 _ONE_TO_ONE_SEQIO = (seqio.preprocessors.rekey, seqio.preprocessors.tokenize,
                      seqio.preprocessors.tokenize_and_append_eos, seqio.preprocessors.append_eos,
                      seqio.preprocessors.append_eos_after_trim)
-# jaxprompt's own, named here (the data layer cannot import the lab): formatters made by
-# `data.tasks.map_examples` and the lab's task-prefix map.
-_ONE_TO_ONE_JAXPROMPT = {('jaxprompt.data.tasks', 'map_examples.<locals>.preprocessor'),
-                         ('jaxprompt.lab.tasks', '_add_prefix')}
-ONE_TO_ONE_ATTRIBUTE = 'maps_one_to_one'  # a preprocessor setting it True is run per host
+# jaxprompt's own preprocessors say so themselves (`data.tasks.map_examples`' formatters, the
+# lab's task prefix): a preprocessor with this attribute set True is run per host.
+ONE_TO_ONE_ATTRIBUTE = 'maps_one_to_one'
 
 
 def maps_one_to_one(preprocessor) -> bool:
@@ -336,10 +334,7 @@ def maps_one_to_one(preprocessor) -> bool:
   fn = preprocessor
   while isinstance(fn, functools.partial):
     fn = fn.func
-  if getattr(fn, ONE_TO_ONE_ATTRIBUTE, False) or fn in _ONE_TO_ONE_SEQIO:
-    return True
-  return (getattr(fn, '__module__', None), getattr(fn, '__qualname__', None)) in \
-      _ONE_TO_ONE_JAXPROMPT
+  return bool(getattr(fn, ONE_TO_ONE_ATTRIBUTE, False)) or fn in _ONE_TO_ONE_SEQIO
 
 
 def _tail_start(task: seqio.Task) -> int:

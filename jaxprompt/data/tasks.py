@@ -181,6 +181,7 @@ def map_examples(fn: Callable[..., Mapping[str, tf.Tensor]],
                        num_parallel_calls=tf.data.AUTOTUNE)
 
   preprocessor.__name__ = getattr(fn, '__name__', 'map_examples')
+  preprocessor.maps_one_to_one = True  # one example in, one out: a per-host read runs it late
   return preprocessor
 
 

@@ -171,6 +171,9 @@ def _add_prefix(dataset: tf.data.Dataset, prefix: str) -> tf.data.Dataset:
                      num_parallel_calls=tf.data.AUTOTUNE)
 
 
+_add_prefix.maps_one_to_one = True  # one example in, one out: a per-host read runs it late
+
+
 def _output_features(vocab: seqio.Vocabulary) -> Dict[str, seqio.Feature]:
   return {'inputs': seqio.Feature(vocab, add_eos=True, required=True),
           'targets': seqio.Feature(vocab, add_eos=True)}
