@@ -43,6 +43,10 @@ def test_methods_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
       'prefix_tuning', 'model_tuning']
   assert all(len(r['scores']) == 2 and r['trainable_params'] > 0 for r in rows)
   assert rows[-1]['trainable_params'] > 10 * rows[0]['trainable_params']  # model tuning
+  manifest = lambda m: json.loads((run / 'compare' / m / 'seed_1' / 'manifest.json').read_text())
+  assert manifest('multitask_prompt')['method_options']['mpt_source'] == str(
+      run / 'mpt_sources' / 'prompt_best.safetensors')  # MPT's target stage, from its sources
+  assert manifest('attempt')['method_options']['source_library'] == str(run / 'library')
   assert 'lab_count_numbers, 3 steps: best validation score (mean +- sd' in text  # the table
   assert images(outputs) == 1
   from PIL import Image
