@@ -330,6 +330,10 @@ def _export_command(args) -> int:
 def _lab_command(args) -> int:
   from jaxprompt.lab import backbone
   if args.lab_command == 'path':  # answers from the cache's name: no TensorFlow, no seqio
+    if not os.path.exists(os.path.join(backbone.backbone_dir(preset=args.preset),
+                                       'manifest.json')):
+      host.import_quietly('tensorflow')  # building it reads the lab's data (seqio, TensorFlow)
+      quiet_libraries()
     print(backbone.build(preset=args.preset))
     return 0
   from jaxprompt.lab import report
@@ -658,8 +662,36 @@ def quiet_libraries() -> None:
   logging.getLogger('absl').setLevel(logging.ERROR)
 
 
+def skip_absent_tpu(argv: Sequence[str], environ=None) -> None:
+  """On a machine without an accelerator, `JAX_PLATFORMS=cpu` unless the user set it.
+
+  jax tries every installed backend; with libtpu installed (the `tpu` extra, for `plan`) that
+  loads libtpu, which prints "Failed to find host bounds ... TPU_WORKER_HOSTNAMES ... Source
+  Location Trace" on a machine with no TPU. `host.runs_on_cpu` says no TPU only when there is no
+  TPU device file (nor a GPU plugin), so a real accelerator is never hidden; `plan` is left as
+  it is (it compiles with libtpu on purpose).
+  """
+  environ = os.environ if environ is None else environ
+  if not environ.get('JAX_PLATFORMS', '').strip() and 'plan' not in argv[:2] and \
+      host.runs_on_cpu(environ) and not _google_pci_device():
+    environ['JAX_PLATFORMS'] = 'cpu'
+
+
+def _google_pci_device() -> bool:
+  """A PCI device of Google's vendor id (how jax itself looks for TPU chips)."""
+  import glob
+  for vendor in glob.glob('/sys/bus/pci/devices/*/vendor'):
+    try:
+      if open(vendor).read().strip() == '0x1ae0':
+        return True
+    except OSError:
+      continue
+  return False
+
+
 def entry() -> None:
   """The `jaxprompt` console script: `main` in a process set up for XLA:CPU (`jaxprompt.host`)."""
+  skip_absent_tpu(sys.argv[1:])
   host.reexec_with_huge_pages('jaxprompt.cli', sys.argv[1:])
   sys.exit(main())
 

@@ -215,7 +215,8 @@ def lab_evidence(work: str, *, backbone: str = 'lab:methods',
   def run_generic():
     r = tune(mixture, backbone=ckpt, model_dir=os.path.join(work, 'generic'),
              train_steps=source_steps, batch_size=source_batch * len(sources),
-             eval_period=source_eval_period, prompt_init='sampled_vocab', **common)
+             eval_period=source_eval_period, prompt_init='sampled_vocab', resume=True,
+             **common)
     return dict(path=r.best_prompt_path, validation=_primary(r.best_metrics), step=r.best_step)
 
   generic = stage('generic', dict(mixture=mixture, sources=src_names, steps=source_steps,
@@ -373,7 +374,8 @@ def lab_evidence(work: str, *, backbone: str = 'lab:methods',
         tune(n, backbone=ckpt, model_dir=d, method='model_tuning',
              learning_rate=model_tuning_lr, train_steps=target_steps, batch_size=target_batch,
              eval_period=eval_period, max_eval_examples=max_eval_examples,
-             eval_batch_size=eval_batch, progress=False, seed=seed, keep_checkpoints=1)
+             eval_batch_size=eval_batch, progress=False, seed=seed, keep_checkpoints=1,
+             resume=True)
         curve = [(s, _primary(m)) for s, m in per_task_evals(d, [n])[n]]
         best_step, best = max(curve, key=lambda sc: (sc[1], -sc[0]))
         return dict(best=best, best_step=best_step, curve=curve)

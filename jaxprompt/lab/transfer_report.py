@@ -89,6 +89,8 @@ def main(argv=None, prog: str | None = None) -> int:
   tasks = [t.strip() for t in args.tasks.split(',') if t.strip()]
   names = [_lab(t) for t in tasks]
   os.makedirs(os.path.join(args.work, 'stages'), exist_ok=True)
+  if args.out:  # the results' folder (e.g. benchmarks/results) may not exist where this runs
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
   out_base = os.path.splitext(args.out)[0] if args.out else os.path.join(args.work, 'results')
   out: dict = {'settings': vars(args), 'tasks': names}
   t0 = time.time()

@@ -449,7 +449,8 @@ def train_task_objective(tasks: Sequence[str], source_library: str, target_backb
                          activation: str = 'tanh', learning_rate: float = 1e-3,
                          overwrite: bool = False, **options):
   """The task-tuning objective through the run driver (method `projector`); copies the best
-  projector to `out`. Returns the `TuneResult`."""
+  projector to `out`. Returns the `TuneResult`. The run left in `model_dir` by a killed or
+  failed call of the same settings is resumed (one of other settings is refused)."""
   from jaxprompt.methods.spot import register_tasks_mixture
   from jaxprompt.tuning import tune
   if os.path.exists(out) and not overwrite:
@@ -458,7 +459,7 @@ def train_task_objective(tasks: Sequence[str], source_library: str, target_backb
   result = tune(task, backbone=target_backbone, model_dir=model_dir, method='projector',
                 source_library=source_library, hidden=hidden, activation=activation,
                 train_steps=steps, batch_size=batch_size, eval_period=eval_period or steps,
-                learning_rate=learning_rate, **options)
+                learning_rate=learning_rate, **dict(options, resume=True))
   if result.best_prompt_path:
     def copy() -> None:
       os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)

@@ -421,7 +421,8 @@ def transfer_matrix(pairs: Sequence[tuple[str, str, str]], backbone, model_dir: 
   `LIB:TASK` or an initialiser name), and, by the per-row optimizer, gets the updates it would
   get alone on its share of the mixed batches. `batch_size` is the mixed batch (per row:
   batch_size / len(pairs) on average). Returns {'rows': {label: {target, init, best, best_step,
-  initial, curve}}, 'seconds'}."""
+  initial, curve}}, 'seconds'}. A run of the same pairs left in `model_dir` (killed, or finished
+  before a later step failed) is resumed; one of other settings is refused."""
   from jaxprompt.tuning import tune
   labels = [p[0] for p in pairs]
   if len(set(labels)) != len(labels):
@@ -432,7 +433,7 @@ def transfer_matrix(pairs: Sequence[tuple[str, str, str]], backbone, model_dir: 
   start = time.time()
   result = tune(name, backbone=backbone, model_dir=model_dir, method='spot_rows',
                 row_init=tuple(p[2] for p in pairs), train_steps=train_steps,
-                batch_size=batch_size, eval_period=eval_period, **options)
+                batch_size=batch_size, eval_period=eval_period, **dict(options, resume=True))
   seconds = time.time() - start
   evals = per_task_evals(model_dir, aliases)
   rows = {}

@@ -1,0 +1,137 @@
+"""Multi-stage commands resume after a kill (issue 21): `spot lab`, `transfer lab` and
+`project train`, each on a tiny lab setting, killed (SIGKILL) in the middle of a later stage's
+run, then run again as they were. The rerun finishes, reuses the finished stages, continues the
+killed run (no step trained twice), and ends with the products of an unkilled run."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), 'jaxprompt')
+pytestmark = [pytest.mark.slow,  # each command runs three times (unkilled, killed, rerun)
+              pytest.mark.skipif(not os.path.exists(SCRIPT),
+                                 reason='the jaxprompt console script is not installed')]
+
+
+@pytest.fixture
+def env(reduced_lab_cache):
+  return dict(os.environ, JAXPROMPT_CACHE=reduced_lab_cache, JAXPROMPT_LAB_STEPS='20')
+
+
+def run(args, cwd, env) -> subprocess.CompletedProcess:
+  done = subprocess.run([SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                        timeout=1200)
+  assert done.returncode == 0, (args, done.stderr[-3000:])
+  return done
+
+
+def run_and_kill(args, cwd, env, pattern: str) -> None:
+  """Starts the command and SIGKILLs it as soon as a file matching `pattern` (under `cwd`)
+  exists: in the middle of that stage's run."""
+  proc = subprocess.Popen([SCRIPT, *args], cwd=cwd, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, start_new_session=True)
+  deadline = time.time() + 1200
+  while not glob.glob(os.path.join(cwd, pattern)):
+    assert proc.poll() is None, (f'ended before {pattern} appeared',
+                                 proc.stderr.read().decode()[-3000:])
+    assert time.time() < deadline
+    time.sleep(0.05)
+  os.killpg(proc.pid, signal.SIGKILL)
+  proc.wait()
+  proc.stderr.close()
+
+
+def train_steps(run_dir) -> list[int]:
+  rows = [json.loads(line) for line in open(os.path.join(run_dir, 'metrics.jsonl'))]
+  return [r['step'] for r in rows if r.get('split') == 'train']
+
+
+def without_times(value):
+  """The results with wall times, paths and per-run settings left out."""
+  if isinstance(value, dict):
+    return {k: without_times(v) for k, v in value.items()
+            if not any(w in k for w in ('seconds', 'minutes', 'settings', 'path', 'work'))}
+  if isinstance(value, list):
+    return [without_times(v) for v in value]
+  return value
+
+
+def test_spot_lab_resumes_after_a_kill_in_the_transfer_stage(tmp_path, env):
+  def argv(work):
+    return ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority', '--targets',
+            'minority', '--source_steps', '4', '--source_batch', '2', '--source_eval_period', '2',
+            '--embedding_steps', '2', '--target_steps', '4', '--target_batch', '2',
+            '--eval_period', '2', '--max_eval_examples', '4', '--top_k', '2', '--work', work,
+            '--out', f'{work}_results']
+  run(argv('reference'), tmp_path, env)
+  run_and_kill(argv('work'), tmp_path, env, 'work/transfer/checkpoints/2')
+  done = run(argv('work'), tmp_path, env)
+  said = done.stdout + done.stderr
+  for stage in ('sources', 'generic', 'embeddings'):
+    assert f'{stage}: reusing' in said, said[-3000:]
+  assert 'transfer: reusing' not in said and 'transfer from step 2' in said
+  assert train_steps(tmp_path / 'work' / 'transfer') == [2, 4]  # step 2 is not trained twice
+  got = json.loads((tmp_path / 'work_results.json').read_text())
+  want = json.loads((tmp_path / 'reference_results.json').read_text())
+  assert without_times(got['targets']) == without_times(want['targets'])
+  assert without_times(got['retrieval']) == without_times(want['retrieval'])
+
+
+def test_transfer_lab_resumes_after_a_kill_in_the_projector_stage(tmp_path, env):
+  def argv(work):
+    return ['transfer', 'lab', '--backbone', 'lab', '--tasks', 'has_red,majority,minority',
+            '--projector_train', 'has_red,majority', '--steps', '4', '--per_task_batch', '2',
+            '--projector_steps', '4', '--distance_steps', '5', '--hidden', '16',
+            '--source_preset', 'demo', '--source_build_steps', '20', '--max_eval_examples', '8',
+            '--skip', 'init', '--work', work, '--out', f'{work}.json']
+  # Backbone B built beforehand, so that both runs load it from the cache: the reference run
+  # building it in-process scored the projector rows differently (see the report of issue 21).
+  run(['lab', 'build', '--preset', 'demo', '--width', '96', '--seed', '1', '--steps', '20'],
+      tmp_path, env)
+  run(argv('reference'), tmp_path, env)
+  run_and_kill(argv('work'), tmp_path, env, 'work/projector_task_run/checkpoints/2')
+  done = run(argv('work'), tmp_path, env)
+  said = done.stdout + done.stderr
+  for stage in ('library_a', 'zero_shot', 'library_b'):
+    assert f'{stage}: reusing' in said, said[-3000:]
+  assert train_steps(tmp_path / 'work' / 'projector_task_run') == [1, 2, 3, 4]
+  got = json.loads((tmp_path / 'work.json').read_text())
+  want = json.loads((tmp_path / 'reference.json').read_text())
+  for part in ('zero_shot', 'spearman', 'projector', 'init'):
+    if part in want:
+      assert without_times(got[part]) == without_times(want[part]), part
+
+
+def test_project_train_resumes_after_a_kill(tmp_path, env):
+  run(['spot', 'sources', '--tasks', 'lab_has_red,lab_majority,lab_minority', '--library', 'lib',
+       '--backbone', 'lab', '--steps', '2', '--batch_size', '6', '--eval_period', '2'],
+      tmp_path, env)
+
+  def argv(out):
+    return ['project', 'train', '--objective', 'task', '--tasks', 'lab_has_red,lab_majority',
+            '--source_library', 'lib', '--target_backbone', 'lab', '--out', out, '--steps', '6',
+            '--batch_size', '4', '--eval_period', '2', '--hidden', '16',
+            '--max_eval_examples', '8']
+  run(argv('reference.safetensors'), tmp_path, env)
+  run_and_kill(argv('proj.safetensors'), tmp_path, env, 'proj_run/checkpoints/2')
+  assert not (tmp_path / 'proj.safetensors').exists()
+  run(argv('proj.safetensors'), tmp_path, env)
+  assert train_steps(tmp_path / 'proj_run') == [2, 4, 6]
+  from safetensors.numpy import load_file
+  got, want = load_file(tmp_path / 'proj.safetensors'), load_file(tmp_path / 'reference.safetensors')
+  assert got.keys() == want.keys() and any(k.startswith('projector/') for k in got)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  # Finished: the same command again is refused (one line), nothing overwritten.
+  again = subprocess.run([SCRIPT, *argv('proj.safetensors')], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+  assert again.returncode == 2 and '--overwrite' in again.stderr
