@@ -2,6 +2,8 @@
 
     python benchmarks/methods_table.py WORK [XPROMPT_STUDY_JSON]
 
+Recorded run: benchmarks/results/methods_lab/.
+
 Rows per target: every method of `jaxprompt compare` (WORK/compare_<target>.json), the SPoT row
 (prompt tuning from the top-1 retrieved source: WORK/spot_<target>.json, WORK/rank_<target>.json)
 and, given the XPrompt study's JSON, its chosen pruned-and-rewound prompt per seed (validation,
