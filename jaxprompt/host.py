@@ -85,6 +85,25 @@ def release_host_memory() -> None:
     pass
 
 
+def _muted(fn):
+  """Runs `fn()` with file descriptor 2 muted; what it printed is shown if it raises."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as captured:
+    os.dup2(captured.fileno(), 2)
+    failed = True
+    try:
+      result = fn()
+      failed = False
+    finally:
+      os.dup2(saved, 2)
+      os.close(saved)
+      if failed:
+        captured.seek(0)
+        sys.stderr.write(captured.read().decode(errors='replace'))
+  return result
+
+
 def import_quietly(module: str) -> None:
   """Imports `module` with file descriptor 2 muted; what it printed is shown if it fails.
 
@@ -93,17 +112,21 @@ def import_quietly(module: str) -> None:
   """
   if module in sys.modules:
     return
-  sys.stderr.flush()
-  saved = os.dup(2)
-  with tempfile.TemporaryFile() as captured:
-    os.dup2(captured.fileno(), 2)
-    failed = True
+  _muted(lambda: importlib.import_module(module))
+
+
+def hide_accelerators_from_tensorflow() -> None:
+  """TensorFlow only feeds data here (seqio, tf.data on the host): it must not see a GPU.
+
+  Otherwise its first op initialises CUDA and reserves most of the GPU's memory beside jax's,
+  and on a machine without one prints "failed call to cuInit". Done once, before any op; a
+  TensorFlow already initialised by the user's own code is left as it is.
+  """
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  def hide():
     try:
-      importlib.import_module(module)
-      failed = False
-    finally:
-      os.dup2(saved, 2)
-      os.close(saved)
-      if failed:
-        captured.seek(0)
-        sys.stderr.write(captured.read().decode(errors='replace'))
+      tf.config.set_visible_devices([], 'GPU')
+    except (RuntimeError, ValueError):  # devices already initialised: the user's choice stands
+      pass
+  _muted(hide)

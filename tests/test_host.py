@@ -1,6 +1,7 @@
-"""The command-line entry re-executes once with glibc huge pages, and only when it should."""
+"""Host-process set-up: glibc huge pages for the command line, TensorFlow kept to feeding data."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -66,3 +67,19 @@ def test_import_quietly_mutes_native_noise_and_replays_it_on_failure(tmp_path, m
   assert 'why it broke' in capfd.readouterr().err
   os.write(2, b'stderr works again\n')
   assert 'stderr works again' in capfd.readouterr().err
+
+
+def test_the_data_layer_keeps_tensorflow_off_accelerators_and_quiet(tmp_path):
+  # TensorFlow only feeds data: it must not take a GPU's memory beside jax, nor print its CUDA
+  # probing ("failed call to cuInit", "could not find cuda drivers") into a user's own script.
+  code = ('import jaxprompt.data, tensorflow as tf\n'
+          'assert not tf.config.get_visible_devices("GPU")\n'
+          'print(int(tf.constant(1) + 1))\n')
+  env = {k: v for k, v in os.environ.items() if k != 'TF_CPP_MIN_LOG_LEVEL'}
+  done = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                        cwd=tmp_path, env=env, timeout=300)
+  assert done.returncode == 0, done.stderr
+  assert done.stdout.strip() == '2'
+  noise = [line for line in done.stderr.splitlines()
+           if re.search(r'cuInit|cuda|oneDNN|cudart', line)]
+  assert not noise, noise

@@ -11,6 +11,7 @@ from typing import Sequence as _Sequence
 from jaxprompt import host as _host
 
 _host.import_quietly('seqio')  # TensorFlow's native libraries print oneDNN / CUDA lines on load
+_host.hide_accelerators_from_tensorflow()
 
 
 class _DropNoise(_logging.Filter):
