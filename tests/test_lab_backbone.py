@@ -47,3 +47,26 @@ def test_reduced_build_beats_a_random_backbone_on_a_source_task(built):
   assert trained['loss_per_token'] < 0.6 * untrained['loss_per_token'], (trained, untrained)
   assert trained['token_accuracy'] > untrained['token_accuracy'] + 20, (trained, untrained)
   assert trained['accuracy'] >= untrained['accuracy'] - 5, (trained, untrained)
+
+
+def _validation_inputs(task, n=5):
+  from jaxprompt.data.features import get_dataset
+  batch = next(iter(get_dataset(task, SEQUENCE_LENGTH, 'validation', n, shuffle=False)))
+  return batch['encoder_input_tokens'].tolist()
+
+
+def test_building_a_backbone_of_another_seed_leaves_the_callers_tasks_as_they_were(tmp_path):
+  # A study that builds a second backbone (another seed: another world of examples) mid-run
+  # must go on evaluating on the tasks it started with, as when that backbone was cached.
+  from jaxprompt.lab import tasks
+  cache = str(tmp_path / 'cache')
+  tasks.register_lab_tasks(cache_dir=cache, seed=0)
+  before = _validation_inputs(seqio_name('has_red'))
+  backbone.build(steps=2, seed=3, cache_dir=cache, progress=False,
+                 preset=dict(emb_dim=16, num_heads=2, head_dim=8, mlp_dim=32, layers=1,
+                             batch_size=4))
+  assert tasks.registration()['seed'] == 0
+  assert _validation_inputs(seqio_name('has_red')) == before
+  tasks.register_lab_tasks(cache_dir=cache, seed=3)  # the other world really is other data
+  assert _validation_inputs(seqio_name('has_red')) != before
+  tasks.register_lab_tasks()

@@ -173,16 +173,27 @@ def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
     if progress:
       print(f'lab: using the cached lab backbone ({ckpt})', file=sys.stderr)
     return ckpt
+  from jaxprompt.lab.tasks import register_lab_tasks, registration
+  # The backbone pretrains on the world of its own seed; the lab tasks the caller evaluates on
+  # stay as they were (a second backbone of another seed built mid-study must not swap them).
+  previous = registration()
+  try:
+    return _build(p, steps, seed, cache_dir, out, ckpt, progress,
+                  register_lab_tasks(cache_dir=cache_dir, seed=seed))
+  finally:
+    register_lab_tasks(**(previous or {'cache_dir': cache_dir}))
+
+
+def _build(p, steps, seed, cache_dir, out, ckpt, progress, vocab) -> str:
+  """Pretrains and writes the backbone (`build`'s work, its tasks registered with `seed`)."""
   import jax
   import numpy as np
   import optax
 
   from jaxprompt.checkpoints import save_t5x_orbax
-  from jaxprompt.lab.tasks import (SEQUENCE_LENGTH, lab_vocabulary_path, register_lab_tasks,
-                                   register_sources_mixture)
+  from jaxprompt.lab.tasks import SEQUENCE_LENGTH, lab_vocabulary_path, register_sources_mixture
   from jaxprompt.model import Transformer, init_params
   from jaxprompt.tuning import tune
-  vocab = register_lab_tasks(cache_dir=cache_dir, seed=seed)
   mixture = register_sources_mixture(p['rates'])
   cfg = lab_config(vocab.vocab_size, p)
   module = Transformer(cfg)

@@ -278,8 +278,15 @@ def register_lab_tasks(cache_dir: Optional[str] = None, seed: int = 0,
   seqio.MixtureRegistry.add(
       SOURCES_MIXTURE, [seqio_name(t, prefixed=True) for t in world.SOURCE_TASKS],
       default_rate=1.0)
-  _REGISTERED.update(key=key, vocab=vocab)
+  _REGISTERED.update(key=key, vocab=vocab,
+                     arguments=dict(cache_dir=cache_dir, seed=int(seed), sizes=dict(sizes)))
   return vocab
+
+
+def registration() -> Optional[Dict[str, object]]:
+  """The arguments of the lab tasks' current registration (None: not registered yet)."""
+  arguments = _REGISTERED.get('arguments')
+  return dict(arguments) if arguments is not None else None
 
 
 def source_rates(rates: Optional[Mapping[str, float]] = None) -> Dict[str, float]:
