@@ -328,17 +328,18 @@ def _export_command(args) -> int:
 
 
 def _lab_command(args) -> int:
-  from jaxprompt.lab import backbone
+  from jaxprompt.lab import backbone, build_steps
   if args.lab_command == 'path':  # answers from the cache's name: no TensorFlow, no seqio
-    if not os.path.exists(os.path.join(backbone.backbone_dir(preset=args.preset),
+    steps = build_steps()
+    if not os.path.exists(os.path.join(backbone.backbone_dir(steps, preset=args.preset),
                                        'manifest.json')):
       host.import_quietly('tensorflow')  # building it reads the lab's data (seqio, TensorFlow)
       quiet_libraries()
-    print(backbone.build(preset=args.preset))
+    print(backbone.build(steps=steps, preset=args.preset))
     return 0
   from jaxprompt.lab import report
   if args.lab_command == 'build':
-    path = backbone.build(steps=args.steps, force=args.force, seed=args.seed,
+    path = backbone.build(steps=build_steps(args.steps), force=args.force, seed=args.seed,
                           preset=backbone.with_width(args.preset, args.width))
     print(f'lab backbone: {path}')
   elif args.what == 'targets':
@@ -357,7 +358,7 @@ def _lab_command(args) -> int:
       seeds = [int(x) for x in args.seeds.split(',')]
     except ValueError:
       raise ValueError(f'--seeds {args.seeds}: give comma-separated integers, e.g. 0,1,2') from None
-    ckpt = backbone.build(preset=args.preset or 'methods')
+    ckpt = backbone.build(steps=build_steps(), preset=args.preset or 'methods')
     with tempfile.TemporaryDirectory(prefix='jaxprompt_lab_') as scratch:
       work = args.work or scratch
       if args.what == 'sources':

@@ -192,14 +192,19 @@ def test_a_model_gin_file_binds_the_backbone_config(tmp_path, capsys):
   assert code == 2 and 'no such file or directory' in err and 'ckpt' in err, err
 
 
-def test_lab_path_answers_without_loading_tensorflow(tmp_path):
+@pytest.mark.parametrize('lab_steps', [None, 7])
+def test_lab_path_answers_without_loading_tensorflow(tmp_path, lab_steps):
   """`jaxprompt lab path` prints a cached backbone's path from the cache's name alone (it took
-  12 s and 950 MB when it loaded TensorFlow and seqio to print a path)."""
+  12 s and 950 MB when it loaded TensorFlow and seqio to print a path); with
+  $JAXPROMPT_LAB_STEPS it names the backbone `--backbone lab` uses (it built the full one)."""
   code = textwrap.dedent(f'''
       import os, sys
       os.environ['JAXPROMPT_CACHE'] = {str(tmp_path)!r}
+      os.environ.pop('JAXPROMPT_LAB_STEPS', None)
+      if {lab_steps!r}:
+        os.environ['JAXPROMPT_LAB_STEPS'] = str({lab_steps!r})
       from jaxprompt.lab import backbone
-      out = backbone.backbone_dir()
+      out = backbone.backbone_dir({lab_steps!r})
       os.makedirs(out)
       open(os.path.join(out, 'manifest.json'), 'w').write('{{}}')
       from jaxprompt import cli
@@ -211,6 +216,8 @@ def test_lab_path_answers_without_loading_tensorflow(tmp_path):
   assert done.returncode == 0, done.stderr[-2000:]
   assert 'HEAVY []' in done.stdout, done.stdout
   assert str(tmp_path) in done.stdout
+  from jaxprompt.lab.backbone import BUILD_STEPS
+  assert f'_{lab_steps or BUILD_STEPS}steps_' in done.stdout
 
 
 @pytest.mark.slow  # builds a reduced lab backbone and tunes 300 steps: a few minutes

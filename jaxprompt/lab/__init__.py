@@ -30,9 +30,16 @@ def resolve_backbone(path: str) -> str:
   from jaxprompt.lab import backbone  # pylint: disable=g-import-not-at-top
   preset = str(path).partition(':')[2] or None
   kwargs = {'preset': preset} if preset else {}
-  if os.environ.get('JAXPROMPT_LAB_STEPS'):
-    kwargs['steps'] = int(os.environ['JAXPROMPT_LAB_STEPS'])
-  return backbone.build(**kwargs)
+  return backbone.build(steps=build_steps(), **kwargs)
+
+
+def build_steps(steps: int | None = None) -> int | None:
+  """Pretraining steps of a lab backbone: `steps` if given, else `$JAXPROMPT_LAB_STEPS`, else
+  None (the preset's). One rule for `--backbone lab`, `lab path` and `lab build`, so they name
+  the same backbone."""
+  if steps:
+    return steps
+  return int(os.environ['JAXPROMPT_LAB_STEPS']) if os.environ.get('JAXPROMPT_LAB_STEPS') else None
 
 
 registry.register_backbone('lab', resolve_backbone)
