@@ -194,12 +194,11 @@ def test_cli_start_up_is_quiet_on_a_cpu_machine(tmp_path):
   from jaxprompt.model import get_config, init_params
   save_t5x_orbax(init_params(get_config('t5_1_1_tiny'), 0), str(tmp_path / 'model'), 1)
   from jaxprompt.lab import backbone
-  built = backbone.backbone_dir(cache_dir=str(tmp_path / 'cache' / 'lab'))
+  built = backbone.backbone_dir(int(LAB_STEPS), cache_dir=str(tmp_path / 'cache' / 'lab'))
   os.makedirs(built)
   (tmp_path / built / 'manifest.json').write_text('{}')  # `lab path` answers from the name
   env = _env(str(tmp_path / 'cache'))
   for args in (['lab', 'path'], ['tune', '--help'], ['info', 'model/checkpoint_1']):
     done = run_cli(args, tmp_path, env, timeout=300)
     if args == ['lab', 'path']:
-      steps = backbone.preset_config(None)['steps']
-      assert done.stdout.strip() == backbone.checkpoint_path(built, steps)
+      assert done.stdout.strip() == backbone.checkpoint_path(built, int(LAB_STEPS))
