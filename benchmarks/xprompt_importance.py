@@ -50,21 +50,13 @@ def measure(args) -> dict:
   from jaxprompt.checkpoints.backbone import load_backbone
   from jaxprompt.methods import xprompt as xp
   from jaxprompt.model import Transformer, init_params
-  from jaxprompt.prompts import prompt as prompt_lib
-  from jaxprompt.train import engine as engine_lib
-  from jaxprompt.train.optimizers import t5x_adafactor
   cfg = model_config(args.config, args.vocab)
   params = init_params(cfg, 0)
   bb = load_backbone((Transformer(cfg), params))
   rs = np.random.RandomState(0)
   batch = random_batch(rs, args.batch, args.inputs, args.targets, cfg.vocab_size)
   value = rs.uniform(-0.5, 0.5, (PROMPT_LENGTH, cfg.emb_dim)).astype(np.float32)
-  ones_t, ones_p = np.ones(PROMPT_LENGTH), np.ones((PROMPT_LENGTH, PIECES))
-  extras = xp.mask_extras(ones_t, ones_p, 'contiguous', cfg.emb_dim)
-  eng, state = engine_lib.build_engine(bb.module, xp.masked_inputs,
-                                       t5x_adafactor(0.3, weight_decay_rate=1e-5),
-                                       {'backbone': bb.params, **extras},
-                                       prompt_lib.prompt_tree(value))
+  eng, state = xp.unpruned_train_engine(bb, value, PIECES)
   dev_batch = eng.put_batch(batch)
   rng = jax.random.PRNGKey(0)
   scorers = {per: xp.Scorer(bb, value, None, None, None, pieces=PIECES, batches=1, per=per,

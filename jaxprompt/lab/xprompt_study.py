@@ -61,20 +61,13 @@ def time_costs(bb, task, prompt_path, lengths, batch_size, repeats=20):
   import jax
   from jaxprompt.data.features import EXAMPLE_MASK, get_dataset
   from jaxprompt.methods import xprompt as xp
-  from jaxprompt.prompts import prompt as prompt_lib
   from jaxprompt.prompts.files import read_prompt
-  from jaxprompt.train import engine as engine_lib
-  from jaxprompt.train.optimizers import t5x_adafactor
   value = read_prompt(prompt_path).value
-  m, d = value.shape
+  m = value.shape[0]
   batch = next(iter(get_dataset(task, lengths, 'train', batch_size, shuffle=True, seed=0,
                                 num_epochs=None)))
   batch = {k: v for k, v in batch.items() if k != EXAMPLE_MASK}
-  extras = xp.mask_extras(np.ones(m), np.ones((m, PIECES)), 'contiguous', d)
-  eng, state = engine_lib.build_engine(bb.module, xp.masked_inputs,
-                                       t5x_adafactor(0.3, weight_decay_rate=1e-5),
-                                       {'backbone': bb.params, **extras},
-                                       prompt_lib.prompt_tree(value))
+  eng, state = xp.unpruned_train_engine(bb, value, PIECES)
   dev_batch = eng.put_batch(batch)
   rng = jax.random.PRNGKey(0)
   scorer = xp.Scorer(bb, value, task, lengths, batch_size, pieces=PIECES, batches=1,

@@ -202,6 +202,18 @@ def masked_inputs(trainable, frozen, batch):
   return frozen['backbone'], prompt
 
 
+def unpruned_train_engine(bb, value, pieces: int, layout: str = 'contiguous'):
+  """`(engine, state)` of the method's own train step (T5X Adafactor lr 0.3, weight decay 1e-5)
+  on an all-kept mask: what the importance pass's cost is measured against."""
+  from jaxprompt.train import engine as engine_lib
+  from jaxprompt.train.optimizers import t5x_adafactor
+  m, d = np.shape(value)
+  extras = mask_extras(np.ones(m), np.ones((m, pieces)), layout, d)
+  return engine_lib.build_engine(bb.module, masked_inputs,
+                                 t5x_adafactor(0.3, weight_decay_rate=1e-5),
+                                 {'backbone': bb.params, **extras}, prompt_lib.prompt_tree(value))
+
+
 def zero_masked_updates(mask: np.ndarray) -> optax.GradientTransformation:
   """Multiplies the prompt's updates by the [m, d] mask: pruned entries never move."""
   mask = np.asarray(mask, np.float32)
