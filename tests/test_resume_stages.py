@@ -65,6 +65,37 @@ def without_times(value):
   return value
 
 
+def check_spot_lab_products(text: str, out) -> None:
+  """What an unkilled `spot lab` (sources has_red, majority; target minority) prints and writes:
+  its table, the result files, one row per transfer source and the retrieval evaluation."""
+  assert '| minority |' in text and 'Retrieval evaluation (shared' in text
+  for suffix in ('', '_retrieval_shared', '_retrieval_independent'):
+    for ext in ('json', 'csv', 'md', 'png'):
+      assert os.path.getsize(f'{out}{suffix}.{ext}') > 0, (suffix, ext)
+  res = json.loads(open(f'{out}.json').read())
+  row = res['targets']['minority']
+  # 3 prompt-tuning / generic rows, 2 weighted averages, 2 sources: equal budgets in one run.
+  assert res['settings']['transfer_rows'] == 7
+  assert set(row['by_source']) == {'has_red', 'majority'}
+  assert row['oracle']['score'] == max(row['by_source'].values())
+  assert set(row['best_retrieved']) == {'shared', 'independent'}
+  assert row['model_tuning'] is not None and 'gap_closed' in row
+  assert row['same_skill']['sources'] == ['majority']
+  assert row['unrelated']['sources'] == ['has_red']
+  assert {'shared/per_token', 'shared_delta/per_token', 'independent/avg_tokens'} <= set(
+      res['retrieval'])
+  # A target whose independent weighted average is undefined (top-k similarities summing to
+  # <= 0, as minority's did on the `methods` backbone) is reported with '-', not a KeyError.
+  from jaxprompt.lab import spot_study
+  row['weighted_average'].pop('independent', None)
+  row['gap_closed'].pop('weighted_average_independent', None)
+  row['pt_short'] = True
+  other = dict(row, gap_closed=dict(row['gap_closed'], weighted_average_independent=0.5))
+  res['targets'] = {'other': other, 'minority': row}  # the undefined one second
+  table = spot_study.format_lab_evidence(res)
+  assert '| minority |' in table and '| other |' in table and 'weighted_average_independent' in table
+
+
 def test_spot_lab_resumes_after_a_kill_in_the_transfer_stage(tmp_path, env):
   def argv(work):
     return ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority', '--targets',
@@ -72,7 +103,8 @@ def test_spot_lab_resumes_after_a_kill_in_the_transfer_stage(tmp_path, env):
             '--embedding_steps', '2', '--target_steps', '4', '--target_batch', '2',
             '--eval_period', '2', '--max_eval_examples', '4', '--top_k', '2', '--work', work,
             '--out', f'{work}_results']
-  run(argv('reference'), tmp_path, env)
+  text = run(argv('reference'), tmp_path, env).stdout
+  check_spot_lab_products(text, tmp_path / 'reference_results')
   run_and_kill(argv('work'), tmp_path, env, 'work/transfer/checkpoints/2')
   done = run(argv('work'), tmp_path, env)
   said = done.stdout + done.stderr

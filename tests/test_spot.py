@@ -304,60 +304,13 @@ def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   assert os.path.exists(tmp_path / 'work' / 'library' / 'index.json')
 
 
-@pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
-def test_lab_evidence_command_end_to_end(tmp_path, monkeypatch, capsys, reduced_lab_cache):
-  """`jaxprompt spot lab` (the issue's section-5 evidence) on a 20-step lab backbone at tiny
-  settings: every stage runs, the files are written, a rerun with the same --work reuses the
-  finished stages, and bad input gets one line."""
-  monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
-  monkeypatch.setenv('JAXPROMPT_LAB_STEPS', '20')
-  out, work = str(tmp_path / 'res' / 'spot_lab'), str(tmp_path / 'work')
-  argv = ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority', '--targets',
-          'minority', '--source_steps', '2', '--source_batch', '2', '--source_eval_period', '2',
-          '--embedding_steps', '2', '--target_steps', '2', '--target_batch', '2',
-          '--eval_period', '2', '--max_eval_examples', '4', '--top_k', '2', '--work', work,
-          '--out', out]
-  assert cli.main(argv) == 0
-  text = capsys.readouterr().out
-  assert '| minority |' in text and 'Retrieval evaluation (shared' in text
-  for ext in ('json', 'csv', 'md', 'png'):
-    assert os.path.getsize(f'{out}.{ext}') > 0
-  for kind in ('shared', 'independent'):
-    for ext in ('md', 'csv', 'png', 'json'):
-      assert os.path.getsize(f'{out}_retrieval_{kind}.{ext}') > 0
-  res = json.loads(open(f'{out}.json').read())
-  row = res['targets']['minority']
-  # 3 prompt-tuning / generic rows, 2 weighted averages, 2 sources: equal budgets in one run.
-  assert res['settings']['transfer_rows'] == 7
-  assert set(row['by_source']) == {'has_red', 'majority'}
-  assert row['oracle']['score'] == max(row['by_source'].values())
-  assert set(row['best_retrieved']) == {'shared', 'independent'}
-  assert row['model_tuning'] is not None and 'gap_closed' in row
-  assert row['same_skill']['sources'] == ['majority']
-  assert row['unrelated']['sources'] == ['has_red']
-  assert {'shared/per_token', 'shared_delta/per_token', 'independent/avg_tokens'} <= set(
-      res['retrieval'])
-  # A target whose independent weighted average is undefined (top-k similarities summing to
-  # <= 0, as minority's did on the `methods` backbone) is reported with '-', not a KeyError.
-  from jaxprompt.lab import spot_study
-  row['weighted_average'].pop('independent', None)
-  row['gap_closed'].pop('weighted_average_independent', None)
-  row['pt_short'] = True
-  other = dict(row, gap_closed=dict(row['gap_closed'], weighted_average_independent=0.5))
-  res['targets'] = {'other': other, 'minority': row}  # the undefined one second
-  table = spot_study.format_lab_evidence(res)
-  assert '| minority |' in table and '| other |' in table and 'weighted_average_independent' in table
-  row = json.loads(open(f'{out}.json').read())['targets']['minority']
-  assert cli.main(argv) == 2  # the files exist
-  assert '--overwrite' in capsys.readouterr().err
-  assert cli.main(argv + ['--overwrite']) == 0
-  again = capsys.readouterr().out
-  assert again.count(': reusing ') == 5  # sources, generic, embeddings, transfer, model tuning
-  assert json.loads(open(f'{out}.json').read())['targets']['minority']['by_source'] == \
-      row['by_source']
+def test_lab_evidence_bad_targets_get_one_line_before_anything_loads(tmp_path, capsys):
+  """(`spot lab` end to end, its files and its resume: tests/test_resume_stages.py.)"""
+  argv = ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority',
+          '--work', str(tmp_path / 'work'), '--out', str(tmp_path / 'x')]
   for bad, needle in ((['--targets', 'no_such_task'], 'not lab tasks'),
                       (['--targets', 'majority'], 'both a source and a target')):
-    assert cli.main(argv[:-2] + ['--out', str(tmp_path / 'x')] + bad) == 2
+    assert cli.main(argv + bad) == 2
     err = capsys.readouterr().err.strip()
     assert err.count('\n') == 0 and needle in err, err
 
