@@ -87,6 +87,9 @@ LONGEST_FIRST = ('test_docs_walk.py::', 'test_resume_stages.py::',
 
 
 def pytest_collection_modifyitems(config, items):
+  if config.getoption('markexpr', '') != 'slow':
+    return  # the fast tier keeps the files' order
+
   def rank(item) -> int:
     return next((i for i, key in enumerate(LONGEST_FIRST) if key in item.nodeid),
                 len(LONGEST_FIRST))
