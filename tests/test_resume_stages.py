@@ -96,7 +96,7 @@ def check_spot_lab_products(text: str, out) -> None:
   assert '| minority |' in table and '| other |' in table and 'weighted_average_independent' in table
 
 
-def test_spot_lab_resumes_after_a_kill_in_the_transfer_stage(tmp_path, env):
+def test_spot_lab_resumes_after_a_kill_in_the_transfer_stage(tmp_path, env, monkeypatch, capsys):
   def argv(work):
     return ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority', '--targets',
             'minority', '--source_steps', '4', '--source_batch', '2', '--source_eval_period', '2',
@@ -116,6 +116,17 @@ def test_spot_lab_resumes_after_a_kill_in_the_transfer_stage(tmp_path, env):
   want = json.loads((tmp_path / 'reference_results.json').read_text())
   assert without_times(got['targets']) == without_times(want['targets'])
   assert without_times(got['retrieval']) == without_times(want['retrieval'])
+  # Finished: the same command is refused (one line, nothing overwritten); with --overwrite it
+  # reuses all five stages and writes the same rows.
+  from jaxprompt import cli
+  monkeypatch.chdir(tmp_path)
+  for key in ('JAXPROMPT_CACHE', 'JAXPROMPT_LAB_STEPS'):
+    monkeypatch.setenv(key, env[key])
+  assert cli.main(argv('work')) == 2 and '--overwrite' in capsys.readouterr().err
+  assert cli.main(argv('work') + ['--overwrite']) == 0
+  assert capsys.readouterr().out.count(': reusing ') == 5  # sources ... transfer, model tuning
+  again = json.loads((tmp_path / 'work_results.json').read_text())
+  assert again['targets']['minority']['by_source'] == got['targets']['minority']['by_source']
 
 
 def test_transfer_lab_resumes_after_a_kill_in_the_projector_stage(tmp_path, env):
