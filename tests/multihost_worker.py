@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 # on every process alike); resumed to more steps; --resume in a new directory (starts fresh),
 # then resumed.
 SCENARIO = (('a', 6, False), ('a', 6, False), ('a', 9, True), ('b', 3, True), ('b', 6, True))
-MAX_DELAY_S = 4.0
+MAX_DELAY_S = 2.5
 
 
 def main(root: str, out: str, coordinator: str | None, num_processes: int, process_id: int,

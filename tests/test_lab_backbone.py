@@ -70,3 +70,26 @@ def test_building_a_backbone_of_another_seed_leaves_the_callers_tasks_as_they_we
   tasks.register_lab_tasks(cache_dir=cache, seed=3)  # the other world really is other data
   assert _validation_inputs(seqio_name('has_red')) != before
   tasks.register_lab_tasks()
+
+
+def test_a_backbone_another_process_is_building_is_waited_for_not_built_twice(tmp_path, capsys):
+  """Processes sharing a cache (parallel jobs, test workers) build each backbone once: while
+  another holds the build lock, `build` waits, then uses what it wrote (it does not train)."""
+  import subprocess
+  import sys
+  out = backbone.backbone_dir(20, cache_dir=str(tmp_path))
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  other = subprocess.Popen([sys.executable, '-c', (
+      'import fcntl, os, sys, time\n'
+      f'lock = open({out + ".lock"!r}, "a"); fcntl.flock(lock, fcntl.LOCK_EX)\n'
+      'print("building", flush=True); time.sleep(2)\n'
+      f'os.makedirs({out!r}); open(os.path.join({out!r}, "manifest.json"), "w").write("{{}}")\n')],
+      stdout=subprocess.PIPE, text=True)
+  try:
+    assert other.stdout.readline().strip() == 'building'
+    assert backbone.build(steps=20, cache_dir=str(tmp_path)) == backbone.checkpoint_path(out, 20)
+  finally:
+    other.wait(timeout=60)
+  err = capsys.readouterr().err
+  assert 'waiting for another process building' in err and 'another process built' in err
+  assert os.listdir(out) == ['manifest.json']  # nothing trained or written here

@@ -196,10 +196,11 @@ def test_lab_report_transfer_refuses_bad_pairs_and_seeds_before_building(tmp_pat
 
 
 @pytest.mark.slow
-def test_sources_then_transfer_reuse_the_runs_of_a_shared_work_dir(tmp_path):
-  """measure_sources' prompts initialise measure_transfer's targets; a finished run is reused."""
-  ckpt = backbone.build(steps=20, cache_dir=str(tmp_path / 'cache'), progress=False,
-                        preset='methods')
+def test_sources_then_transfer_reuse_the_runs_of_a_shared_work_dir(tmp_path, reduced_lab_cache):
+  """measure_sources' prompts initialise measure_transfer's targets; a finished run is reused.
+  (On the reduced `methods_c` backbone the other lab tests build.)"""
+  ckpt = backbone.build(steps=20, cache_dir=os.path.join(reduced_lab_cache, 'lab'),
+                        progress=False, preset='methods_c')
   work = str(tmp_path / 'work')
   src = report.measure_sources(ckpt, work, tasks=['majority'], steps=4)
   assert set(src) == {'majority'} and 0 <= src['majority']['prompt'] <= 100

@@ -180,8 +180,8 @@ DEVICES = textwrap.dedent('''
     out = {{'devices': jax.device_count()}}
     for method in t.METHODS:
       r = tune(t.task_for(method), backbone=(module, params), model_dir={root!r} + '/' + method,
-               method=method, num_partitions={parts}, **t.run_options(method, train_steps=4,
-                                                                       eval_period=4))
+               method=method, num_partitions={parts}, eval_split=None,  # trainables compared
+               **t.run_options(method, train_steps=4, eval_period=4))
       out[method] = [np.asarray(x).tolist() for x in jax.tree_util.tree_leaves(r.trainable)][:4]
     print(json.dumps(out))
 ''')

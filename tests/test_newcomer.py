@@ -221,7 +221,7 @@ def test_lab_path_answers_without_loading_tensorflow(tmp_path, lab_steps):
 
 
 @pytest.mark.slow  # builds a reduced lab backbone and tunes 300 steps: a few minutes
-def test_the_readme_next_steps_then_the_tests_from_the_same_folder(tmp_path):
+def test_the_readme_next_steps_then_the_tests_from_the_same_folder(tmp_path, reduced_lab_cache):
   """The README's "Next steps" as written, from a fresh working folder (their `runs/` folder
   is then a namespace package on `python -m pytest`'s path), then part of the test suite from
   that same folder: all pass. `lab report sources` (18 min on 2 cores) is left out; the methods
@@ -234,7 +234,7 @@ def test_the_readme_next_steps_then_the_tests_from_the_same_folder(tmp_path):
               if line.startswith('.venv/bin/jaxprompt')]
   assert [c[:2] for c in commands][:3] == [['tune', '--task'], ['eval', '--task'],
                                           ['info', 'runs/has_dog']]
-  env = dict(os.environ, JAXPROMPT_CACHE=str(tmp_path / 'cache'), JAXPROMPT_LAB_STEPS='40')
+  env = dict(os.environ, JAXPROMPT_CACHE=reduced_lab_cache, JAXPROMPT_LAB_STEPS='20')
   work = tmp_path / 'work'
   work.mkdir()
   for args in commands:

@@ -1,7 +1,10 @@
 """Multi-stage commands resume after a kill (issue 21): `spot lab`, `transfer lab` and
 `project train`, each on a tiny lab setting, killed (SIGKILL) in the middle of a later stage's
 run, then run again as they were. The rerun finishes, reuses the finished stages, continues the
-killed run (no step trained twice), and ends with the products of an unkilled run."""
+killed run (no step trained twice), and ends with the products of an unkilled run.
+
+The unkilled `spot lab` and `transfer lab` runs are docs/spot.md's and docs/transferability.md's
+own commands, run by tests/test_docs_walk.py, which then runs the drills here on them."""
 
 from __future__ import annotations
 
@@ -96,62 +99,55 @@ def check_spot_lab_products(text: str, out) -> None:
   assert '| minority |' in table and '| other |' in table and 'weighted_average_independent' in table
 
 
-def test_spot_lab_resumes_after_a_kill_in_the_transfer_stage(tmp_path, env, monkeypatch, capsys):
-  def argv(work):
-    return ['spot', 'lab', '--backbone', 'lab', '--sources', 'has_red,majority', '--targets',
-            'minority', '--source_steps', '4', '--source_batch', '2', '--source_eval_period', '2',
-            '--embedding_steps', '2', '--target_steps', '4', '--target_batch', '2',
-            '--eval_period', '2', '--max_eval_examples', '4', '--top_k', '2', '--work', work,
-            '--out', f'{work}_results']
-  text = run(argv('reference'), tmp_path, env).stdout
-  check_spot_lab_products(text, tmp_path / 'reference_results')
-  run_and_kill(argv('work'), tmp_path, env, 'work/transfer/checkpoints/2')
-  done = run(argv('work'), tmp_path, env)
+def spot_lab_drill(args, cwd, env, reference, monkeypatch, capsys) -> None:
+  """`spot lab` `args` (sources has_red, majority; target minority, 4 target steps), already run
+  unkilled (`reference`: (its output, its --out)): its products checked; run again in another
+  work folder, killed in the middle of the transfer stage and rerun; then refused when finished,
+  and with --overwrite it reuses all five stages."""
+  text, reference_out = reference
+  check_spot_lab_products(text, reference_out)
+  argv = list(args) + ['--work', 'drill', '--out', 'drill_results']
+  run_and_kill(argv, cwd, env, 'drill/transfer/checkpoints/2')
+  done = run(argv, cwd, env)
   said = done.stdout + done.stderr
   for stage in ('sources', 'generic', 'embeddings'):
     assert f'{stage}: reusing' in said, said[-3000:]
   assert 'transfer: reusing' not in said and 'transfer from step 2' in said
-  assert train_steps(tmp_path / 'work' / 'transfer') == [2, 4]  # step 2 is not trained twice
-  got = json.loads((tmp_path / 'work_results.json').read_text())
-  want = json.loads((tmp_path / 'reference_results.json').read_text())
+  assert train_steps(os.path.join(cwd, 'drill', 'transfer')) == [2, 4]  # step 2 not trained twice
+  got = json.loads(open(os.path.join(cwd, 'drill_results.json')).read())
+  want = json.loads(open(f'{reference_out}.json').read())
   assert without_times(got['targets']) == without_times(want['targets'])
   assert without_times(got['retrieval']) == without_times(want['retrieval'])
   # Finished: the same command is refused (one line, nothing overwritten); with --overwrite it
   # reuses all five stages and writes the same rows.
   from jaxprompt import cli
-  monkeypatch.chdir(tmp_path)
+  monkeypatch.chdir(cwd)
   for key in ('JAXPROMPT_CACHE', 'JAXPROMPT_LAB_STEPS'):
     monkeypatch.setenv(key, env[key])
-  assert cli.main(argv('work')) == 2 and '--overwrite' in capsys.readouterr().err
-  assert cli.main(argv('work') + ['--overwrite']) == 0
+  capsys.readouterr()
+  assert cli.main(argv) == 2 and '--overwrite' in capsys.readouterr().err
+  assert cli.main(argv + ['--overwrite']) == 0
   assert capsys.readouterr().out.count(': reusing ') == 5  # sources ... transfer, model tuning
-  again = json.loads((tmp_path / 'work_results.json').read_text())
+  again = json.loads(open(os.path.join(cwd, 'drill_results.json')).read())
   assert again['targets']['minority']['by_source'] == got['targets']['minority']['by_source']
 
 
-def test_transfer_lab_resumes_after_a_kill_in_the_projector_stage(tmp_path, env):
-  def argv(work):
-    return ['transfer', 'lab', '--backbone', 'lab', '--tasks', 'has_red,majority,minority',
-            '--projector_train', 'has_red,majority', '--steps', '4', '--per_task_batch', '2',
-            '--projector_steps', '4', '--distance_steps', '5', '--hidden', '16',
-            '--source_preset', 'demo', '--source_build_steps', '20', '--max_eval_examples', '8',
-            '--skip', 'init', '--work', work, '--out', f'{work}.json']
-  # Backbone B built beforehand, so that both runs load it from the cache: the reference run
-  # building it in-process scored the projector rows differently (see the report of issue 21).
-  run(['lab', 'build', '--preset', 'demo', '--width', '96', '--seed', '1', '--steps', '20'],
-      tmp_path, env)
-  run(argv('reference'), tmp_path, env)
-  run_and_kill(argv('work'), tmp_path, env, 'work/projector_task_run/checkpoints/2')
-  done = run(argv('work'), tmp_path, env)
+def transfer_lab_drill(args, cwd, env, reference_out) -> None:
+  """`transfer lab` `args` (4 projector steps), already run unkilled with its results at
+  `reference_out` (backbone B built before it): run again in another work folder without the
+  init stage, killed in the middle of the task projector's run and rerun."""
+  argv = list(args) + ['--skip', 'init', '--work', 'drill', '--out', 'drill.json']
+  run_and_kill(argv, cwd, env, 'drill/projector_task_run/checkpoints/2')
+  done = run(argv, cwd, env)
   said = done.stdout + done.stderr
   for stage in ('library_a', 'zero_shot', 'library_b'):
     assert f'{stage}: reusing' in said, said[-3000:]
-  assert train_steps(tmp_path / 'work' / 'projector_task_run') == [1, 2, 3, 4]
-  got = json.loads((tmp_path / 'work.json').read_text())
-  want = json.loads((tmp_path / 'reference.json').read_text())
-  for part in ('zero_shot', 'spearman', 'projector', 'init'):
-    if part in want:
-      assert without_times(got[part]) == without_times(want[part]), part
+  assert train_steps(os.path.join(cwd, 'drill', 'projector_task_run')) == [1, 2, 3, 4]
+  got = json.loads(open(os.path.join(cwd, 'drill.json')).read())
+  want = json.loads(open(reference_out).read())
+  for part in ('zero_shot', 'spearman', 'projector'):
+    assert part in want, part
+    assert without_times(got[part]) == without_times(want[part]), part
 
 
 def test_project_train_resumes_after_a_kill(tmp_path, env):

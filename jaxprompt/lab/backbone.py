@@ -8,6 +8,7 @@ the cache. A fixed seed gives the same checkpoint; a second call reuses it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -169,19 +170,46 @@ def build(steps: int | None = None, seed: int = 0, cache_dir: str | None = None,
   steps = p['steps']
   out = backbone_dir(steps, seed, cache_dir, p)
   ckpt = checkpoint_path(out, steps)
-  if os.path.exists(os.path.join(out, 'manifest.json')) and not force:
+  built = os.path.join(out, 'manifest.json')
+  if os.path.exists(built) and not force:
     if progress:
       print(f'lab: using the cached lab backbone ({ckpt})', file=sys.stderr)
     return ckpt
-  from jaxprompt.lab.tasks import register_lab_tasks, registration
-  # The backbone pretrains on the world of its own seed; the lab tasks the caller evaluates on
-  # stay as they were (a second backbone of another seed built mid-study must not swap them).
-  previous = registration()
-  try:
-    return _build(p, steps, seed, cache_dir, out, ckpt, progress,
-                  register_lab_tasks(cache_dir=cache_dir, seed=seed))
-  finally:
-    register_lab_tasks(**(previous or {'cache_dir': cache_dir}))
+  # Processes sharing a cache (parallel jobs, test workers) build each backbone once: the first
+  # holds the lock while it builds, the others wait for it and then use its result.
+  with _build_lock(out, progress):
+    if os.path.exists(built) and not force:
+      if progress:
+        print(f'lab: using the lab backbone another process built ({ckpt})', file=sys.stderr)
+      return ckpt
+    from jaxprompt.lab.tasks import register_lab_tasks, registration
+    # The backbone pretrains on the world of its own seed; the lab tasks the caller evaluates
+    # on stay as they were (a second backbone of another seed built mid-study must not swap
+    # them).
+    previous = registration()
+    try:
+      return _build(p, steps, seed, cache_dir, out, ckpt, progress,
+                    register_lab_tasks(cache_dir=cache_dir, seed=seed))
+    finally:
+      register_lab_tasks(**(previous or {'cache_dir': cache_dir}))
+
+
+@contextlib.contextmanager
+def _build_lock(out: str, progress: bool):
+  """An exclusive `fcntl` lock on `out.lock` for the block (released if the process dies)."""
+  import fcntl
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  with open(out + '.lock', 'a') as lock:
+    try:
+      fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      if progress:
+        print(f'lab: waiting for another process building {out}', file=sys.stderr)
+      fcntl.flock(lock, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _build(p, steps, seed, cache_dir, out, ckpt, progress, vocab) -> str:
@@ -217,9 +245,8 @@ def _build(p, steps, seed, cache_dir, out, ckpt, progress, vocab) -> str:
                 eval_split=None, progress=progress, keep_checkpoints=1,
                 optimizer=optimizer)  # no validation: `source_accuracy` measures the result
   minutes = (time.time() - start) / 60
-  tmp_out = out + '.tmp'
-  shutil.rmtree(tmp_out, ignore_errors=True)
-  os.makedirs(tmp_out)
+  tmp_out = tempfile.mkdtemp(prefix=os.path.basename(out) + '.tmp', dir=os.path.dirname(out))
+  os.chmod(tmp_out, 0o755)  # as a plain directory would be (mkdtemp's is the owner's only)
   save_t5x_orbax(jax.device_get(result.trainable), tmp_out, steps)
   with open(os.path.join(tmp_out, 'config.json'), 'w') as f:
     json.dump({'t5x_T5Config': cfg.to_dict()}, f, indent=1)
