@@ -61,6 +61,16 @@ TARGETS = np.array([[21, 22, 23, 1, 0],
 DECODER_INPUTS = np.concatenate([np.zeros((3, 1), np.int32), TARGETS[:, :-1]], axis=1)
 
 
+def devices_env(count: int, **extra: str) -> dict:
+  """This process's environment for a subprocess with `count` CPU devices (the tests' other
+  XLA flags kept)."""
+  import re
+  flags = re.sub(r'--xla_force_host_platform_device_count=\d+', '',
+                 os.environ.get('XLA_FLAGS', ''))
+  return dict(os.environ, XLA_FLAGS=f'{flags} --xla_force_host_platform_device_count={count}'
+              .strip(), **extra)
+
+
 def assert_close(actual, reference, what: str, rtol: float) -> None:
   """max |actual - reference| <= rtol x max |reference| (a nonzero reference), shapes equal."""
   actual, reference = np.asarray(actual), np.asarray(reference)

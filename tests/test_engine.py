@@ -16,6 +16,7 @@ from jaxprompt.prompts import get_prompt, init_prompt, initializers
 from jaxprompt.train import checkpointing, loop, steps
 from jaxprompt.train.engine import build_engine
 from jaxprompt.train.optimizers import t5x_adafactor
+from conftest import devices_env
 
 CFG = get_config('t5_1_1_tiny', dropout_rate=0.1)
 
@@ -340,8 +341,7 @@ SHARDED = textwrap.dedent('''
 
 
 def _run_devices(n: int, parts: int, dims: int = 1) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = devices_env(n, TF_CPP_MIN_LOG_LEVEL='3')
   code = SHARDED.format(tests=os.path.dirname(__file__), parts=parts, dims=dims)
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=600)

@@ -22,6 +22,7 @@ import data_helpers
 from jaxprompt import cli
 from jaxprompt.methods import get_method, method_names
 from jaxprompt.model import Transformer, get_config, init_params
+from conftest import devices_env
 
 METHODS = method_names()
 # Resuming bit for bit (three runs) and evaluating the product (a second engine) per method:
@@ -188,8 +189,7 @@ DEVICES = textwrap.dedent('''
 
 
 def _on_devices(root: str, n: int, parts: int) -> dict:
-  env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={n}',
-             TF_CPP_MIN_LOG_LEVEL='3')
+  env = devices_env(n, TF_CPP_MIN_LOG_LEVEL='3')
   code = DEVICES.format(tests=os.path.dirname(__file__), root=root, parts=parts)
   out = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True, text=True,
                        timeout=900)

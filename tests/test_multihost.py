@@ -12,6 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from conftest import devices_env
+
 WORKER = os.path.join(os.path.dirname(__file__), 'multihost_worker.py')
 
 
@@ -22,8 +24,7 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-              TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
+  return devices_env(devices, TF_CPP_MIN_LOG_LEVEL='3', JAX_PLATFORMS='cpu')
 
 
 @pytest.mark.slow
