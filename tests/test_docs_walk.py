@@ -20,6 +20,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -48,7 +49,7 @@ SMALL = {
     ('prune',): ['--fractions', '0.3,0.6', '--importance_batches', '2',
                  '--max_eval_examples', '20'],
     ('lab', 'build'): ['--steps', LAB_STEPS],
-    ('transfer', 'lab'): ['--tasks', 'has_red,has_green,majority,minority',
+    ('transfer', 'lab'): ['--tasks', 'has_red,majority,minority',
                           '--projector_train', 'has_red,majority',
                           '--steps', '4', '--steps_b', '4', '--per_task_batch', '2',
                           '--projector_steps', '4', '--distance_steps', '5', '--hidden', '16',
@@ -110,8 +111,10 @@ def _env(cache: str) -> dict:
 
 
 def run_cli(args, cwd, env, timeout=900) -> subprocess.CompletedProcess:
+  start = time.monotonic()
   done = subprocess.run([SCRIPT, *args], cwd=cwd, env=env, capture_output=True, text=True,
                         timeout=timeout)
+  print(f'{time.monotonic() - start:5.1f} s: jaxprompt {" ".join(args)}')  # shown on a failure
   assert done.returncode == 0, (args, done.stderr[-3000:])
   noise = [line for line in done.stderr.splitlines() if any(n in line for n in NOISE)]
   assert not noise, (args, noise)

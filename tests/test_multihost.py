@@ -247,7 +247,7 @@ def _check_scenario(tmp_path, one: dict, many: list[dict]) -> None:
 @pytest.mark.slow
 def test_four_processes_started_in_random_order_the_coordinator_last(tmp_path):
   """Processes 1-3 in a random order 0-6 s apart, process 0 (the coordinator) 0-3 s after the
-  last of them; in each of the scenario's five runs each process reaches the run directory's
+  last of them; in each of the scenario's four runs each process reaches the run directory's
   check 0-2.5 s late, in another order."""
   others = list(np.random.uniform(0, 6, 3))
   one, many = _scenario(tmp_path, 4, [max(others) + np.random.uniform(0, 3), *others])

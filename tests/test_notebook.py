@@ -14,9 +14,9 @@ NOTEBOOK = COLAB / 'prompt_tuning.ipynb'
 
 
 @pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
-def test_notebook_runs(tmp_path, monkeypatch):
-  monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '60')
+def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
+  monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
+  monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_TUNE_STEPS', '24')
   monkeypatch.setenv('JAXPROMPT_NB_RUN_DIR', str(tmp_path / 'run'))
   outputs, text = run_notebook(NOTEBOOK, tmp_path, timeout=900)

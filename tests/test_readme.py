@@ -15,11 +15,11 @@ def _python_blocks() -> list[str]:
 
 
 @pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
-def test_readme_python_blocks_run(tmp_path, monkeypatch):
+def test_readme_python_blocks_run(tmp_path, monkeypatch, reduced_lab_cache):
   blocks = _python_blocks()
   assert blocks, 'the README has no Python block'
-  monkeypatch.setenv('JAXPROMPT_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setenv('JAXPROMPT_LAB_STEPS', '40')
+  monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
+  monkeypatch.setenv('JAXPROMPT_LAB_STEPS', '20')
   monkeypatch.chdir(tmp_path)
   for block in blocks:
     exec(compile(block, str(README), 'exec'), {'__name__': '__readme__'})  # noqa: S102
