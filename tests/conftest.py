@@ -97,12 +97,13 @@ def pytest_unconfigure(config):
   shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 
-# The full tier's longest tests (measured 2026-12-06 on 2 cores: 100-335 s each) start first,
+# The full tier's longest tests (measured 2026-12-07 on 2 cores: 100-430 s each) start first,
 # so that both xdist workers finish together instead of one waiting on a long test taken last.
-LONGEST_FIRST = ('test_docs_walk.py::', 'test_resume_stages.py::',
-                 'test_methods_contract.py::test_one_and_eight', 'test_notebook.py::',
-                 'test_newcomer.py::', 'test_multihost.py::', 'test_transferability.py::test_notebook',
-                 'test_sharded_loading.py::')
+LONGEST_FIRST = ('test_docs_walk.py::', 'test_transferability.py::test_notebook',
+                 'test_notebook.py::test_methods', 'test_multihost.py::',
+                 'test_methods_contract.py::test_one_and_eight', 'test_newcomer.py::',
+                 'test_xprompt_study.py::test_lab_report', 'test_sharded_loading.py::',
+                 'test_resume_stages.py::')
 
 
 def pytest_collection_modifyitems(config, items):
