@@ -15,7 +15,7 @@ from jaxprompt.checkpoints.backbone import load_backbone
 @pytest.fixture(scope='module')
 def built(tmp_path_factory):
   cache = str(tmp_path_factory.mktemp('labcache'))
-  return cache, backbone.build(steps=160, cache_dir=cache, progress=False)
+  return cache, backbone.build(steps=60, cache_dir=cache, progress=False)
 
 
 @pytest.mark.slow  # the full tier: over ~20 s on 2 loaded cores
@@ -23,13 +23,13 @@ def test_build_writes_a_real_checkpoint_and_is_reused(built):
   cache, ckpt = built
   directory = os.path.dirname(ckpt)
   manifest = json.load(open(os.path.join(directory, 'manifest.json')))
-  assert manifest['steps'] == 160 and 1e6 < manifest['parameters'] < 5e6
+  assert manifest['steps'] == 60 and 1e6 < manifest['parameters'] < 5e6
   assert os.path.exists(os.path.join(directory, 'vocabulary.model'))
   bb = load_backbone(ckpt)
   module, params = bb.module, bb.params
   assert module.config.family == 't5_1_1' and module.config.emb_dim == 128
   before = os.path.getmtime(os.path.join(directory, 'manifest.json'))
-  assert backbone.build(steps=160, cache_dir=cache) == ckpt  # cached: no second training
+  assert backbone.build(steps=60, cache_dir=cache) == ckpt  # cached: no second training
   assert os.path.getmtime(os.path.join(directory, 'manifest.json')) == before
 
 

@@ -246,6 +246,6 @@ def test_the_readme_next_steps_then_the_tests_from_the_same_folder(tmp_path, red
   assert (work / 'runs' / 'has_dog' / 'prompt_best.safetensors').exists()
   (work / 'tests').symlink_to(REPO_ROOT / 'tests')
   done = subprocess.run([sys.executable, '-m', 'pytest', '-q', '-p', 'no:cacheprovider',
-                         '-m', 'not slow', 'tests/test_cli.py', 'tests/test_newcomer.py'],
+                         '-m', 'not slow', 'tests/test_newcomer.py'],
                         cwd=work, env=env, capture_output=True, text=True, timeout=1200)
   assert done.returncode == 0, done.stdout[-3000:]

@@ -25,13 +25,13 @@ def test_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   assert os.path.exists(tmp_path / 'run' / 'prompt_best.safetensors')
 
 
-@pytest.mark.slow  # the full tier: a reduced lab backbone, 3 source runs and 7 methods
+@pytest.mark.slow  # the full tier: a reduced lab backbone, 3 source runs and 7 methods, 1 seed
 def test_methods_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE', 'lab')
   monkeypatch.setenv('JAXPROMPT_NB_BACKBONE_STEPS', '20')
   monkeypatch.setenv('JAXPROMPT_NB_STEPS', '3')
-  monkeypatch.setenv('JAXPROMPT_NB_SEEDS', '2')
+  monkeypatch.setenv('JAXPROMPT_NB_SEEDS', '1')  # seeds' mean +- sd: test_prompt_family
   monkeypatch.setenv('JAXPROMPT_NB_EVAL', '8')
   monkeypatch.setenv('JAXPROMPT_NB_WORK', str(tmp_path / 'work'))
   outputs, text = run_notebook(COLAB / 'methods.ipynb', tmp_path, timeout=600)
@@ -41,9 +41,9 @@ def test_methods_notebook_runs(tmp_path, monkeypatch, reduced_lab_cache):
   assert [r['method'] for r in rows] == [
       'prompt_tuning', 'p_tuning', 'residual_prompt', 'multitask_prompt', 'attempt',
       'prefix_tuning', 'model_tuning']
-  assert all(len(r['scores']) == 2 and r['trainable_params'] > 0 for r in rows)
+  assert all(len(r['scores']) == 1 and r['trainable_params'] > 0 for r in rows)
   assert rows[-1]['trainable_params'] > 10 * rows[0]['trainable_params']  # model tuning
-  manifest = lambda m: json.loads((run / 'compare' / m / 'seed_1' / 'manifest.json').read_text())
+  manifest = lambda m: json.loads((run / 'compare' / m / 'seed_0' / 'manifest.json').read_text())
   assert manifest('multitask_prompt')['method_options']['mpt_source'] == str(
       run / 'mpt_sources' / 'prompt_best.safetensors')  # MPT's target stage, from its sources
   assert manifest('attempt')['method_options']['source_library'] == str(run / 'library')
