@@ -164,7 +164,8 @@ def test_each_doc_lists_its_lab_commands():
 
 
 def _last(args: list[str], flag: str) -> str:
-  return args[len(args) - 1 - args[::-1].index(flag) + 1]
+  """The value of `flag`'s last occurrence (argparse's, where a SMALL override repeats it)."""
+  return args[max(i for i, a in enumerate(args) if a == flag) + 1]
 
 
 @pytest.mark.slow  # runs each doc's lab commands (small CI settings): minutes
@@ -183,23 +184,24 @@ def test_a_docs_lab_commands_as_written_then_the_tests(doc, tmp_path, reduced_la
     if args[:2] == ['spot', 'evaluate']:
       _transfer_results(work / args[args.index('--results') + 1])
     args = _small(args)
-    if args[:2] == ['transfer', 'lab'] and 'transfer' not in drilled:
+    drill = args[0] if args[1:2] == ['lab'] and args[0] in ('spot', 'transfer') and \
+        args[0] not in drilled else None
+    if drill == 'transfer':
       # Backbone B built beforehand, so that the run and its drill both load it from the cache
       # (a run building it in-process scored the projector rows differently: issue 21's report).
-      from jaxprompt.lab import backbone
-      backbone.build(preset=backbone.with_width(_last(args, '--source_preset'), 96), seed=1,
-                     steps=int(_last(args, '--source_build_steps')), progress=False,
-                     cache_dir=os.path.join(reduced_lab_cache, 'lab'))
+      from jaxprompt.lab import transfer_report
+      monkeypatch.setenv('JAXPROMPT_CACHE', reduced_lab_cache)
+      transfer_report.source_backbone(transfer_report.parser().parse_args(args[2:]))
     done = run_cli(args, work, env)
     if args[:2] == ['spot', 'rank']:
       assert 'lab_has_red' in done.stdout and 'lab_majority' in done.stdout
-    if args[:2] == ['spot', 'lab'] and 'spot' not in drilled:
-      drilled.add('spot')
+    if drill == 'spot':
       drills.spot_lab_drill(args, str(work), env, (done.stdout, work / _last(args, '--out')),
                             monkeypatch, capsys)
-    if args[:2] == ['transfer', 'lab'] and 'transfer' not in drilled:
-      drilled.add('transfer')
+    if drill == 'transfer':
       drills.transfer_lab_drill(args, str(work), env, work / _last(args, '--out'))
+    if drill:
+      drilled.add(drill)
   assert drilled == {'docs/spot.md': {'spot'}, 'docs/transferability.md': {'transfer'}}.get(
       doc, set())
   if doc == 'docs/spot.md':

@@ -247,19 +247,23 @@ def _build(p, steps, seed, cache_dir, out, ckpt, progress, vocab) -> str:
   minutes = (time.time() - start) / 60
   tmp_out = tempfile.mkdtemp(prefix=os.path.basename(out) + '.tmp', dir=os.path.dirname(out))
   os.chmod(tmp_out, 0o755)  # as a plain directory would be (mkdtemp's is the owner's only)
-  save_t5x_orbax(jax.device_get(result.trainable), tmp_out, steps)
-  with open(os.path.join(tmp_out, 'config.json'), 'w') as f:
-    json.dump({'t5x_T5Config': cfg.to_dict()}, f, indent=1)
-  shutil.copy(lab_vocabulary_path(cache_dir), os.path.join(tmp_out, 'vocabulary.model'))
-  manifest = dict(kind='jaxprompt lab backbone', preset=p['name'], settings=p, steps=steps,
-                  seed=seed, batch_size=p['batch_size'], optimizer='adamw, warm-up + cosine',
-                  learning_rate=lr, parameters=n_params, minutes=round(minutes, 2),
-                  mixture=mixture, vocabulary=os.path.basename(lab_vocabulary_path(
-                      cache_dir)), t5_config=cfg.to_dict())
-  with open(os.path.join(tmp_out, 'manifest.json'), 'w') as f:
-    json.dump(manifest, f, indent=1)
-  shutil.rmtree(out, ignore_errors=True)
-  os.replace(tmp_out, out)
+  try:
+    save_t5x_orbax(jax.device_get(result.trainable), tmp_out, steps)
+    with open(os.path.join(tmp_out, 'config.json'), 'w') as f:
+      json.dump({'t5x_T5Config': cfg.to_dict()}, f, indent=1)
+    shutil.copy(lab_vocabulary_path(cache_dir), os.path.join(tmp_out, 'vocabulary.model'))
+    manifest = dict(kind='jaxprompt lab backbone', preset=p['name'], settings=p, steps=steps,
+                    seed=seed, batch_size=p['batch_size'], optimizer='adamw, warm-up + cosine',
+                    learning_rate=lr, parameters=n_params, minutes=round(minutes, 2),
+                    mixture=mixture, vocabulary=os.path.basename(lab_vocabulary_path(
+                        cache_dir)), t5_config=cfg.to_dict())
+    with open(os.path.join(tmp_out, 'manifest.json'), 'w') as f:
+      json.dump(manifest, f, indent=1)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp_out, out)
+  except BaseException:  # a failed write leaves no partial folder in the cache
+    shutil.rmtree(tmp_out, ignore_errors=True)
+    raise
   shutil.rmtree(work, ignore_errors=True)
   print(f'lab: backbone built in {minutes:.1f} min: {ckpt}', file=sys.stderr)
   return ckpt

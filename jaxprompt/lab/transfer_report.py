@@ -51,7 +51,8 @@ def _short(n):
   return n[4:] if n.startswith('lab_') else n
 
 
-def main(argv=None, prog: str | None = None) -> int:
+def parser(prog: str | None = None) -> argparse.ArgumentParser:
+  """`jaxprompt transfer lab`'s options."""
   p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
   p.add_argument('--work', default='/tmp/transfer_lab')
   p.add_argument('--out', default=None, help='JSON results file (PNGs next to it)')
@@ -75,7 +76,19 @@ def main(argv=None, prog: str | None = None) -> int:
   p.add_argument('--init_targets', default=';'.join(','.join(t) for t in INIT_TARGETS),
                  help="'target,related,unrelated;...'")
   p.add_argument('--skip', default='', help='comma-separated stages to skip: projector, init')
-  args = p.parse_args(argv)
+  return p
+
+
+def source_backbone(args: argparse.Namespace) -> str:
+  """Backbone B's checkpoint, built on first use: `--source_preset` at `--source_width`, seed
+  `--source_seed`, `--source_build_steps` steps."""
+  from jaxprompt.lab import backbone as lab_backbone
+  return lab_backbone.build(preset=lab_backbone.with_width(args.source_preset, args.source_width),
+                            steps=args.source_build_steps, seed=args.source_seed, progress=False)
+
+
+def main(argv=None, prog: str | None = None) -> int:
+  args = parser(prog).parse_args(argv)
   import jax
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update('jax_compilation_cache_dir', os.path.join(args.work, 'xla_cache'))
@@ -250,13 +263,10 @@ def main(argv=None, prog: str | None = None) -> int:
 
   # 4. projectors B -> A
   if 'projector' not in skip:
-    from jaxprompt.lab import backbone as lab_backbone
     from jaxprompt.methods import projection as pj
     from jaxprompt.prompts.files import write_prompt
-    preset_b = lab_backbone.with_width(args.source_preset, args.source_width)
     start = time.time()
-    ckpt_b = lab_backbone.build(preset=preset_b, steps=args.source_build_steps,
-                                seed=args.source_seed, progress=False)
+    ckpt_b = source_backbone(args)
     bb_b = load_backbone(ckpt_b)
     with open(os.path.join(os.path.dirname(ckpt_b), 'manifest.json')) as f:
       manifest = json.load(f)
