@@ -177,11 +177,33 @@ def gin_tune(files: Sequence[str], bindings: Sequence[str]):
   try:
     gin.get_configurable('setup_tasks')()
     from jaxprompt.train.partitioning import t5x_gin_options
-    return gin.get_configurable('tune')(**t5x_gin_options())
+    return gin.get_configurable('tune')(**t5x_gin_options(), **model_config_options())
   except RuntimeError as e:
     if 'REQUIRED' not in str(e) and 'required' not in str(e):
       raise
     raise _gin_error(e) from None
+
+
+def model_config_options() -> dict[str, Any]:
+  """T5X's spelling of the model, `network.T5Config.FIELD = ...` (the shipped model gin files
+  bind `dtype`), as `tune` options: the config `tune.config` names with those fields replaced;
+  without a named config, `dtype` alone, as the run's activation dtype unless one is set."""
+  import gin
+  fields = gin.get_bindings('network.T5Config')
+  if not fields:
+    return {}
+  tune = gin.get_bindings('tune')  # macros resolved
+  named = tune.get('config')
+  if isinstance(named, str):
+    from jaxprompt.model import get_config
+    return {'config': get_config(named, **fields)}
+  if named is None and set(fields) == {'dtype'}:
+    return {} if tune.get('dtype') is not None else {'dtype': fields['dtype']}
+  if named is None:
+    raise UsageError(f'network.T5Config.{sorted(set(fields) - {"dtype"})[0]}: no model gin file '
+                     'names the config it changes; add one (e.g. --gin_file=models/t5_1_1/base.gin)'
+                     ' or --config NAME')
+  return {}  # a config built by gin (`@network.T5Config()`) has its bindings already
 
 
 def _gin_error(e: Exception) -> UsageError:

@@ -28,6 +28,7 @@ FALLBACK_PROMPT_LENGTH = 100  # the paper's
 FALLBACK_SCHEDULE = {'train_steps': 30000, 'batch_size': 32, 'eval_period': 1000}
 REMAT_POLICIES = ('none', 'minimal', 'full')  # T5X's names (scalable_t5)
 PARAM_DTYPES = ('float32', 'bfloat16')
+ACTIVATION_DTYPES = ('float32', 'bfloat16')
 
 # The CLI flag / gin macro of an option, where it has one other than --NAME / tune.NAME.
 FLAG_NAMES = {'train_steps': '--steps', 'feature_lengths': '--inputs_length/--targets_length'}
@@ -37,7 +38,7 @@ GIN_MACROS = {
     'eval_period': 'EVAL_PERIOD', 'learning_rate': 'LEARNING_RATE', 'num_partitions':
     'NUM_PARTITIONS', 'seed': 'SEED', 'dropout_rate': 'DROPOUT_RATE', 'z_loss': 'Z_LOSS',
     'label_smoothing': 'LABEL_SMOOTHING', 'loss_normalizing_factor': 'LOSS_NORMALIZING_FACTOR',
-    'remat_policy': 'REMAT_POLICY',
+    'remat_policy': 'REMAT_POLICY', 'dtype': 'ACTIVATION_DTYPE',
     'feature_lengths': 'TASK_FEATURE_LENGTHS', 'accumulate_steps': 'NUM_MICROBATCHES',
 }
 
@@ -75,6 +76,10 @@ HELP = {
                     "none, minimal (weight matmuls kept), full (only layer inputs kept)",
     'param_dtype': 'dtype the frozen backbone is held in: ' + ', '.join(PARAM_DTYPES) +
                    ' (the trainable stays float32; model tuning needs float32)',
+    'dtype': "activation dtype of the backbone's computation: " + ', '.join(ACTIVATION_DTYPES) +
+             " (default: the model's: bfloat16 in the shipped T5 model gin files, as T5X's; "
+             'float32 for a checkpoint or config named from Python; the prompt, its optimizer '
+             'state and the loss stay float32)',
     'scan_layers': "run each stack's layers with one scanned layer (faster compiles)",
     'eval_period': "steps between validations and checkpoints (default: the task's own, "
                    'else 1000)',
@@ -162,6 +167,7 @@ class RunConfig:
   accumulate_steps: int = 1
   remat_policy: str = 'none'
   param_dtype: str = 'float32'
+  dtype: str | None = None  # activations; None: the backbone config's own (T5Config.dtype)
   scan_layers: bool = False
   # validation, checkpoints, logging
   eval_period: int | None = None
@@ -207,6 +213,7 @@ class RunConfig:
                           ('eval_mode', EVAL_MODES),
                           ('init_length_mismatch', LENGTH_MISMATCH),
                           ('remat_policy', REMAT_POLICIES), ('param_dtype', PARAM_DTYPES),
+                          ('dtype', ACTIVATION_DTYPES + (None,)),
                           ('parameter_partitioning_dims', (1, 2)),
                           ('activation_partitioning_dims', (1, 2))):
       check_choice(name, getattr(self, name), choices)

@@ -111,7 +111,8 @@ def make_context(method: Method, task: str, backbone, config: RunConfig, options
   mesh, rules = partitioning.mesh_from_config(config), partitioning.rules_from_config(config)
   bb = load(backbone, t5_config, dropout_rate=config.dropout_rate,
             shardings=lambda c: engine_lib.backbone_shardings_for(c, mesh, rules),
-            dtype='float32' if method.trains_backbone else config.param_dtype)
+            dtype='float32' if method.trains_backbone else config.param_dtype,
+            activation_dtype=config.dtype)
   config = resolve_config(config, task)
   tasks = member_tasks(task)
   first = seqio.get_mixture_or_task(tasks[0])

@@ -63,9 +63,10 @@ def resolve_backbone_path(path: str) -> str:
 
 
 def load_backbone(backbone, config=None, dropout_rate: float | None = None, shardings=None,
-                  dtype: str | None = None) -> Backbone:
+                  dtype: str | None = None, activation_dtype: str | None = None) -> Backbone:
   """A checkpoint path ('lab' for the lab's), a `(module, params)` pair or a Backbone ->
-  Backbone, with the dropout rate replaced when one is given.
+  Backbone, with the dropout rate and the activation dtype (`T5Config.dtype`, whatever the
+  source says) replaced when one is given.
 
   `shardings` (a params-shaped tree of shardings, or a function of the T5Config returning
   one) and `dtype` ('float32' | 'bfloat16') say where and how the params are held: a
@@ -73,7 +74,6 @@ def load_backbone(backbone, config=None, dropout_rate: float | None = None, shar
   the Backbone keeps only the placed arrays. The fingerprint names the weights as stored (or
   as given), whatever dtype holds them.
   """
-  from jaxprompt.model import Transformer
   if isinstance(backbone, (Backbone, tuple, list)):
     result = backbone if isinstance(backbone, Backbone) else Backbone(
         backbone[0], backbone[1], None, fingerprint(backbone[0].config, backbone[1]))
@@ -84,9 +84,12 @@ def load_backbone(backbone, config=None, dropout_rate: float | None = None, shar
     path = resolve_backbone_path(backbone)
     module, params, info = load_checkpoint(path, config, shardings, dtype or 'float32')
     result = Backbone(module, params, path, info['fingerprint'])
-  if dropout_rate is not None and dropout_rate != result.module.config.dropout_rate:
-    result = dataclasses.replace(
-        result, module=Transformer(result.module.config.replace(dropout_rate=dropout_rate)))
+  changes = {name: value for name, value in (('dropout_rate', dropout_rate),
+                                               ('dtype', activation_dtype))
+             if value is not None and value != getattr(result.module.config, name)}
+  if changes:
+    result = dataclasses.replace(result, module=result.module.clone(
+        config=result.module.config.replace(**changes)))
   return result
 
 

@@ -116,8 +116,11 @@ def complete(samples: Mapping[Path, LeafSample]) -> None:
 
 
 def digest(config, samples: Mapping[Path, LeafSample]) -> str:
-  """'sha256:<16 hex>' of the config and each leaf's path, flat shape and sample."""
-  h = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True, default=str).encode())
+  """'sha256:<16 hex>' of the config and each leaf's path, flat shape and sample. The
+  activation dtype is how a run computes, not what the weights are: it is left out (as
+  float32, so the digests of float32 configs are what they always were)."""
+  named = config.replace(dtype='float32').to_dict()
+  h = hashlib.sha256(json.dumps(named, sort_keys=True, default=str).encode())
   for path in sorted(samples, key='/'.join):
     sample = samples[path]
     h.update('/'.join(path).encode())
