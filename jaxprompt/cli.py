@@ -342,6 +342,16 @@ def _eval_command(args) -> int:
 
 
 def _export_command(args) -> int:
+  if args.to == 'stablehlo':
+    from jaxprompt.serving import export_stablehlo
+    if not args.backbone:
+      raise UsageError('export --to stablehlo needs --backbone CKPT (the prompt\'s backbone)')
+    out = export_stablehlo(
+        args.backbone, None if args.prompt == 'none' else args.prompt, args.out,
+        batch_size=args.batch_size, inputs_length=args.inputs_length,
+        max_decode_length=args.max_decode_length, overwrite=args.overwrite)
+    print(f'greedy-decoding program: {out} (README.txt there says how to call it)')
+    return 0
   from jaxprompt.checkpoints.peft import export_peft
   out = export_peft(args.prompt, args.out, base_model_name_or_path=args.base_model,
                     overwrite=args.overwrite)
@@ -552,12 +562,20 @@ def build_parser() -> argparse.ArgumentParser:
   info.add_argument('--json', action='store_true', help='print JSON')
 
   ex = sub.add_parser('export', help='export a prompt file to another format')
-  ex.add_argument('--to', required=True, choices=('peft',), help='target format')
-  ex.add_argument('--prompt', required=True, help='a jaxprompt prompt file')
+  ex.add_argument('--to', required=True, choices=('peft', 'stablehlo'),
+                  help='target format (stablehlo: prompt + backbone + greedy decoding as one '
+                       'jax.export program)')
+  ex.add_argument('--prompt', required=True,
+                  help="a jaxprompt prompt file (stablehlo: also 'none' for the bare backbone)")
   ex.add_argument('--out', required=True, help='directory to write')
   ex.add_argument('--base_model', default=None,
                   help="base_model_name_or_path for PEFT (default: the prompt's backbone)")
   ex.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+  ex.add_argument('--backbone', default=None, help='stablehlo: the backbone checkpoint')
+  ex.add_argument('--batch_size', type=int, default=1, help='stablehlo: input rows B (1)')
+  ex.add_argument('--inputs_length', type=int, default=512, help='stablehlo: input tokens L (512)')
+  ex.add_argument('--max_decode_length', type=int, default=64,
+                  help='stablehlo: output tokens T (64)')
 
   from jaxprompt.methods import commands
   for name, command in sorted(commands().items()):
