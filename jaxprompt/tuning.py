@@ -85,7 +85,7 @@ def resolve_config(config: RunConfig, task: str) -> RunConfig:
   """Fills what the user left to the task (lengths, prompt length, steps, batch size, eval
   period) with the task's own, else the paper's."""
   from jaxprompt.data.tasks import task_defaults
-  known = task_defaults(task)
+  known = task_defaults(task) if task else {}  # no task (`jaxprompt plan`): the paper's
   schedule = {name: getattr(config, name) or known.get(name, fallback)
               for name, fallback in FALLBACK_SCHEDULE.items()}
   return config.replace(
@@ -105,20 +105,26 @@ def make_context(method: Method, task: str, backbone, config: RunConfig, options
   # Processes come seconds (or minutes) apart; they start the run together, as its first
   # collective (in loading) waits only so long (30 s on CPU) for a late process.
   agreement.barrier('start a run')
-  from jaxprompt.checkpoints.backbone import load_backbone as load
-  # Read straight into the engine's shardings (this process's slices only); the engine's
-  # placement of these arrays is then a no-op. A trained backbone stays float32.
-  mesh, rules = partitioning.mesh_from_config(config), partitioning.rules_from_config(config)
-  bb = load(backbone, t5_config, dropout_rate=config.dropout_rate,
-            shardings=lambda c: engine_lib.backbone_shardings_for(c, mesh, rules),
-            dtype='float32' if method.trains_backbone else config.param_dtype,
-            activation_dtype=config.dtype)
+  bb = load_run_backbone(method, backbone, t5_config, config)
   config = resolve_config(config, task)
   tasks = member_tasks(task)
   first = seqio.get_mixture_or_task(tasks[0])
   labels = label_names(tasks[0])
   return Context(bb, task, tasks, first.output_features['targets'].vocabulary,
                  list(labels) if labels else None, config, options)
+
+
+def load_run_backbone(method: Method, backbone, t5_config, config: RunConfig, devices=None):
+  """The backbone as the run reads it (`jaxprompt plan` passes abstract weights through here)."""
+  from jaxprompt.checkpoints.backbone import load_backbone as load
+  # Read straight into the engine's shardings (this process's slices only); the engine's
+  # placement of these arrays is then a no-op. A trained backbone stays float32.
+  mesh = partitioning.mesh_from_config(config, devices)
+  rules = partitioning.rules_from_config(config)
+  return load(backbone, t5_config, dropout_rate=config.dropout_rate,
+              shardings=lambda c: engine_lib.backbone_shardings_for(c, mesh, rules),
+              dtype='float32' if method.trains_backbone else config.param_dtype,
+            activation_dtype=config.dtype)
 
 
 def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, options,
@@ -146,12 +152,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
       t5_config=bb.module.config.to_dict(), jaxprompt_version=__version__,
       config=dataclasses.asdict(config), method_options=dataclasses.asdict(ctx.options),
       **method.identity(ctx))
-  loss = steps.LossConfig(config.z_loss, config.label_smoothing, config.loss_normalizing_factor)
-  eng, state = engine_lib.build_engine(
-      bb.module, method.model_inputs, tx, {'backbone': bb.params, **extras}, trainable,
-      loss=loss, prompt_position=position, mesh=partitioning.mesh_from_config(config),
-      rules=partitioning.rules_from_config(config), accumulate_steps=config.accumulate_steps,
-      trainable_is_backbone=method.trains_backbone)
+  loss = loss_config(config)
+  eng, state = run_engine(method, ctx, trainable, extras, tx)
   validation = None if config.eval_split is None else evaluation.build_validation(
       eng, method, ctx.tasks, config.eval_split, config.feature_lengths,
       config.eval_batch_size or config.batch_size, config.eval_mode, config.max_eval_examples,
@@ -180,6 +182,23 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
       watch.stop()
     if lock is not None:
       lock.release()
+
+
+def loss_config(config: RunConfig) -> steps.LossConfig:
+  return steps.LossConfig(config.z_loss, config.label_smoothing, config.loss_normalizing_factor)
+
+
+def run_engine(method: Method, ctx: Context, trainable, extras, tx, devices=None):
+  """The run's engine and initial state: the held backbone (`hold_backbone`) and the trainable
+  on the run's mesh (of `devices`, all by default) with its rules, loss, prompt position and
+  microbatches. `jaxprompt plan` builds its engine here too, from abstract weights."""
+  config, bb = ctx.config, ctx.backbone
+  return engine_lib.build_engine(
+      bb.module, method.model_inputs, tx, {'backbone': bb.params, **extras}, trainable,
+      loss=loss_config(config), prompt_position=prompt_lib.position_index(config.prompt_position),
+      mesh=partitioning.mesh_from_config(config, devices),
+      rules=partitioning.rules_from_config(config), accumulate_steps=config.accumulate_steps,
+      trainable_is_backbone=method.trains_backbone)
 
 
 def check_backbone_options(method: Method, config: RunConfig) -> None:

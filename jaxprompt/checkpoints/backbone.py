@@ -99,6 +99,9 @@ def _place(backbone: Backbone, shardings, dtype):
   import jax
   from jaxprompt.checkpoints.leaves import numpy_dtype
   params = backbone.params
+  if all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    from jaxprompt.model.layout import cast_frozen  # abstract (`jaxprompt plan`): no placing
+    return params if dtype is None else cast_frozen(params, dtype)
   if dtype is not None:
     target = numpy_dtype(dtype)
     params = jax.tree.map(lambda x: x if x.dtype == target else x.astype(target), params)
