@@ -441,6 +441,8 @@ def _add_arguments(parser) -> None:
   a.add_argument('--target_backbone', default=None,
                  help='check the projector was trained for this target backbone')
   a.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+  from jaxprompt.methods.recycling import add_recycle_parser
+  add_recycle_parser(sub)
 
 
 def train_task_objective(tasks: Sequence[str], source_library: str, target_backbone, out: str, *,
@@ -536,10 +538,13 @@ def _apply_command(args) -> int:
 
 
 def _run(args) -> int:
-  return {'train': _train_command, 'apply': _apply_command}[args.project_command](args)
+  from jaxprompt.methods.recycling import recycle_command
+  return {'train': _train_command, 'apply': _apply_command,
+          'recycle': recycle_command}[args.project_command](args)
 
 
-COMMANDS = {'project': Command('cross-model prompt projectors (Su et al. 2022): train, apply',
+COMMANDS = {'project': Command('cross-model prompt projectors (Su et al. 2022): train, apply; '
+                               'prompt recycling (Lester et al. 2022): recycle',
                                _add_arguments, _run)}
 
 __all__ = ['ACTIVATIONS', 'COMMANDS', 'ProjectionError', 'ProjectorOptions', 'ProjectorTuning',
