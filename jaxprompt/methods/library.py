@@ -452,7 +452,8 @@ def _add_arguments(parser) -> None:
   ls.add_argument('--json', action='store_true', help='print JSON')
   ad = sub.add_parser('add', help='add a prompt file to a library (created if new)')
   ad.add_argument('directory', help='the library directory')
-  ad.add_argument('--prompt', required=True, help='a prompt file (.safetensors, .npy, PEFT dir)')
+  ad.add_argument('--prompt', required=True, help='a prompt file (.safetensors, .npy, PEFT dir, '
+                  'prompt-tuning numpy_checkpoints/checkpoint_N or T5X checkpoint)')
   ad.add_argument('--task', default=None, help="the task (default: the prompt file's)")
   ad.add_argument('--embedding', default=None, help='a task-embedding prompt file')
   ad.add_argument('--embedding_steps', type=int, default=None,
@@ -521,7 +522,38 @@ def _commands():
 
 COMMANDS = _commands()
 
+
+def read_source_prompt(spec: str, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
+  """([p, d] prompt, metadata) of a prompt file, `LIBRARY_DIR:TASK`, or `random:D[:P]` (a
+  N(0, 1) prompt of width D and length P (default 100), seeded: the no-information baseline)."""
+  from jaxprompt.prompts.files import read_prompt
+  if spec.startswith('random:'):
+    parts = spec.split(':')[1:]
+    try:
+      d = int(parts[0])
+      p = int(parts[1]) if len(parts) > 1 else 100
+    except (ValueError, IndexError):
+      raise LibraryError(f'source prompt {spec!r}: write random:WIDTH[:LENGTH]') from None
+    rs = np.random.RandomState(seed)
+    return rs.normal(size=(p, d)).astype(np.float32), {'backbone_fingerprint': 'random',
+                                                       'task': spec}
+  if not os.path.exists(spec) and ':' in spec:
+    directory, _, task = spec.rpartition(':')
+    entry = get_entry(directory, task)
+    pf = read_prompt(entry['path'])
+    meta = dict(pf.metadata)
+    meta.setdefault('backbone_fingerprint', entry.get('backbone_fingerprint'))
+    meta.setdefault('task', task)
+  else:
+    pf = read_prompt(spec)
+    meta = dict(pf.metadata)
+  value = np.asarray(pf.masked_value(), np.float32)
+  if value.ndim != 2:
+    raise LibraryError(f'{spec}: a source prompt is one [P, d] prompt, got {value.shape}')
+  return value, meta
+
+
 __all__ = ['COMMANDS', 'DEFAULT_SIMILARITY', 'LibraryError', 'SIMILARITIES', 'add',
            'cosine_average_tokens', 'create', 'describe', 'entries', 'get_entry', 'load_embedding',
            'load_prompt', 'locked', 'per_token_average_cosine', 'prompt_path', 'rank',
-           'read_index', 'set_embedding', 'similarity_fn', 'similarity_matrix']
+           'read_index', 'read_source_prompt', 'set_embedding', 'similarity_fn', 'similarity_matrix']

@@ -41,6 +41,7 @@ import numpy as np
 import optax
 
 from jaxprompt.config import ConfigError
+from jaxprompt.methods.library import read_source_prompt
 from jaxprompt.methods import Command, register
 from jaxprompt.methods.base import Context, Method
 from jaxprompt.train import agreement
@@ -106,37 +107,6 @@ def projector_inputs(trainable, frozen, batch):
 
 def _fingerprint_of(meta: Mapping[str, Any]) -> str | None:
   return meta.get('backbone_fingerprint')
-
-
-def read_source_prompt(spec: str, seed: int = 0) -> tuple[np.ndarray, dict[str, Any]]:
-  """([p, d] prompt, metadata) of a prompt file, `LIBRARY_DIR:TASK`, or `random:D[:P]` (a
-  N(0, 1) prompt of width D and length P (default 100), seeded: the no-information baseline)."""
-  from jaxprompt.prompts.files import read_prompt
-  if spec.startswith('random:'):
-    parts = spec.split(':')[1:]
-    try:
-      d = int(parts[0])
-      p = int(parts[1]) if len(parts) > 1 else 100
-    except (ValueError, IndexError):
-      raise ProjectionError(f'source prompt {spec!r}: write random:WIDTH[:LENGTH]') from None
-    rs = np.random.RandomState(seed)
-    return rs.normal(size=(p, d)).astype(np.float32), {'backbone_fingerprint': 'random',
-                                                       'task': spec}
-  if not os.path.exists(spec) and ':' in spec:
-    directory, _, task = spec.rpartition(':')
-    from jaxprompt.methods import library as lib
-    entry = lib.get_entry(directory, task)
-    pf = read_prompt(entry['path'])
-    meta = dict(pf.metadata)
-    meta.setdefault('backbone_fingerprint', entry.get('backbone_fingerprint'))
-    meta.setdefault('task', task)
-  else:
-    pf = read_prompt(spec)
-    meta = dict(pf.metadata)
-  value = np.asarray(pf.masked_value(), np.float32)
-  if value.ndim != 2:
-    raise ProjectionError(f'{spec}: a source prompt is one [P, d] prompt, got {value.shape}')
-  return value, meta
 
 
 def _source_specs(options, tasks: Sequence[str], width: int, length: int) -> list[str]:

@@ -226,7 +226,7 @@ def recycle(source_backbone, target_backbone, prompt, recycler: str = 'linear', 
   `recycle_prompt`'s mlp settings. Every mismatch is a one-line error before anything is
   written."""
   from jaxprompt.checkpoints.backbone import load_backbone
-  from jaxprompt.methods.projection import read_source_prompt
+  from jaxprompt.methods.library import read_source_prompt
   if recycler not in RECYCLERS:
     raise RecyclingError(f'recycler {recycler!r}: choose one of {", ".join(RECYCLERS)}')
   if out and os.path.exists(out) and not overwrite:
