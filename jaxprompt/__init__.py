@@ -19,9 +19,26 @@ def tune(task, **kwargs):
   return _tune(task, **kwargs)
 
 
+def infer(**kwargs):
+  """Predictions of a tuned prompt (or one per task) for new inputs; see
+  `jaxprompt.inference.infer`."""
+  from jaxprompt import lab  # noqa: F401 - the backbone name 'lab' and the lab's tasks
+  from jaxprompt.inference import infer as _infer
+  return _infer(**kwargs)
+
+
+def Predictor(*args, **kwargs):  # noqa: N802 - a class, imported on first use
+  """A backbone and prompts loaded once, answering `predict(texts, task=...)`; see
+  `jaxprompt.inference.Predictor`."""
+  from jaxprompt import lab  # noqa: F401
+  from jaxprompt.inference import Predictor as _Predictor
+  return _Predictor(*args, **kwargs)
+
+
 def __getattr__(name):
   # Submodules on first use (`jaxprompt.evaluate.evaluate(...)`), keeping `import jaxprompt` light.
-  if name in ('evaluate', 'tuning', 'model', 'prompts', 'checkpoints', 'data', 'train', 'lab'):
+  if name in ('evaluate', 'tuning', 'model', 'prompts', 'checkpoints', 'data', 'train', 'lab',
+              'inference'):
     import importlib
     return importlib.import_module(f'jaxprompt.{name}')
   raise AttributeError(f'module jaxprompt has no attribute {name!r}')

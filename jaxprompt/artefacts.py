@@ -8,8 +8,9 @@ Kinds, recognised from their own files (nothing is loaded but headers, metadata 
 | prompt_library | a directory with `index.json` of format `jaxprompt.library/*` |
 | prune | a directory with `prune.json` (`jaxprompt prune`) |
 | projector | a safetensors file with `projector/*` tensors (`jaxprompt project train`) |
-| prompt | a prompt file (`.safetensors` / `.npy`) or a PEFT adapter directory; projected, pruned
-  and library prompts name their projector, masks or source |
+| prompt | a prompt file (`.safetensors` / `.npy`), a PEFT adapter directory or a prompt-tuning
+  `numpy_checkpoints` folder; projected, pruned and library prompts name their projector, masks
+  or source; one from another tool's files names its format and source |
 | checkpoint | anything else: a T5X / HF checkpoint (`jaxprompt.checkpoints.inspect`) |
 """
 
@@ -33,7 +34,12 @@ def kind_of(path: str) -> str:
       return 'prune'
     if os.path.isfile(os.path.join(path, 'adapter_config.json')):
       return 'prompt'
+    from jaxprompt.prompts import prompt_tuning_files as ptf
+    if ptf.numpy_prompt_file(path):  # prompt-tuning's numpy_checkpoints(/checkpoint_N)
+      return 'prompt'
     return 'checkpoint'
+  if os.path.isfile(path) and os.path.basename(path).endswith('.prompt.prompt.prompt'):
+    return 'prompt'
   if path.endswith('.safetensors') and os.path.isfile(path):
     if _safetensors_keys(path) & {'projector/w1'}:
       return 'projector'
@@ -178,8 +184,9 @@ def _prompt(path: str) -> dict[str, Any]:
     out['method'] = meta.get('method')
   if meta.get('kind'):
     out['kind_of_prompt'] = meta['kind']
-  for key in ('task', 'backbone', 'backbone_fingerprint', 'source_fingerprint', 'step', 'init',
-              'masks', 'metrics', 'jaxprompt_version'):
+  for key in ('format', 'source', 'param', 'peft_type', 'task', 'backbone',
+              'backbone_fingerprint', 'source_fingerprint', 'step', 'init', 'masks', 'metrics',
+              'jaxprompt_version'):
     if meta.get(key) is not None:
       out[key] = meta[key]
   return out

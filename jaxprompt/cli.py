@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
 import json
@@ -23,6 +24,7 @@ from typing import Any, Sequence
 
 from jaxprompt import host
 from jaxprompt import lab  # noqa: F401 - registers the backbone name 'lab' and the lab's tasks
+from jaxprompt.flags import Parser
 
 # Flags that set a gin macro of the run files (T5X conventions); every other RunConfig field
 # (and every registered method's own option) is a flag --NAME that binds `tune.NAME`.
@@ -163,8 +165,8 @@ def _register_configurables() -> None:
       gin.external_configurable(fn, name)
 
 
-def gin_tune(files: Sequence[str], bindings: Sequence[str]):
-  """Parses gin files/bindings (shipped files by their relative name) and runs the bound `tune`."""
+def _parse_gin(files: Sequence[str], bindings: Sequence[str]) -> None:
+  """Parses gin files/bindings (shipped files by their relative name) as a run's config."""
   import gin
   gin.clear_config()
   _register_configurables()
@@ -174,6 +176,35 @@ def gin_tune(files: Sequence[str], bindings: Sequence[str]):
     gin.parse_config_files_and_bindings(list(files), list(bindings))
   except (ValueError, IOError, SyntaxError) as e:
     raise _gin_error(e) from None
+
+
+def gin_tune_options(files: Sequence[str], bindings: Sequence[str]) -> dict[str, Any]:
+  """The keyword options the gin files/bindings give `tune` (what `gin_tune` would run), for
+  `jaxprompt plan`; required macros left unbound are left out, and tasks are set up only when
+  one is named."""
+  import gin
+  unbound: list[str] = []
+  while True:  # a required macro nothing binds (MODEL_DIR, the task, ...) is bound to None
+    try:
+      _parse_gin(files, list(bindings) + [f'{m} = None' for m in unbound])
+      break
+    except UsageError as e:
+      missing = [m for m in REQUIRED_FLAGS if m in str(e) and m not in unbound]
+      if 'REQUIRED' not in str(e) or not missing:
+        raise
+      unbound.append(missing[0])
+  from jaxprompt.train.partitioning import t5x_gin_options
+  options = {k: v for k, v in gin.get_bindings('tune').items()
+             if v is not gin.REQUIRED and v is not None}
+  if options.get('task'):
+    gin.get_configurable('setup_tasks')()
+  return {**options, **t5x_gin_options()}
+
+
+def gin_tune(files: Sequence[str], bindings: Sequence[str]):
+  """Parses gin files/bindings (shipped files by their relative name) and runs the bound `tune`."""
+  import gin
+  _parse_gin(files, bindings)
   try:
     gin.get_configurable('setup_tasks')()
     from jaxprompt.train.partitioning import t5x_gin_options
@@ -235,17 +266,11 @@ def _run_flag_names() -> dict[str, str]:
   return names
 
 
-def _tune_command(args, files: list[str], bindings: list[str]) -> int:
-  flags = list(MACRO_FLAGS) + list(_run_flag_names()) + ['train_file', 'inputs_length',
-                                                          'targets_length', 'config']
-  if not files and not bindings and not any(getattr(args, f) is not None for f in flags):
-    from jaxprompt.lab import demo
-    demo.run_demo(steps=args.demo_steps)
-    return 0
-  files = files or ['runs/prompt_tune.gin']
+def _run_bindings(args, skip: Sequence[str] = ()) -> list[str]:
+  """The gin bindings of a run's flags (`_add_run_arguments`, but `skip`) that were given."""
   extra = []
   for flag, macro in MACRO_FLAGS.items():
-    value = getattr(args, flag)
+    value = None if flag in skip else getattr(args, flag, None)
     if value is not None:
       extra.append(_binding(macro, str(value)))
   for flag, option in _run_flag_names().items():
@@ -255,9 +280,40 @@ def _tune_command(args, files: list[str], bindings: list[str]) -> int:
   lengths = {k: getattr(args, f'{k}_length') for k in ('inputs', 'targets')}
   if any(v is not None for v in lengths.values()):
     extra.append(f'TASK_FEATURE_LENGTHS = {({k: v for k, v in lengths.items() if v})!r}')
-  extra.append(f'tune.resume = {bool(args.resume)}')
   if args.config:
     extra.append(_binding('tune.config', args.config))
+  return extra
+
+
+def _add_run_arguments(p, skip: Sequence[str] = ()) -> None:
+  """A run's flags (`jaxprompt tune`'s, and `jaxprompt plan`'s but `skip`)."""
+  from jaxprompt.config import HELP
+  for flag, macro in MACRO_FLAGS.items():
+    if flag not in skip:
+      help_text = MACRO_HELP.get(flag) or HELP.get(flag, '')
+      p.add_argument(f'--{flag}', default=None, help=f'{help_text} (gin macro {macro})')
+  for flag, option in _run_flag_names().items():
+    p.add_argument(f'--{flag}', default=None,
+                   help=HELP.get(option, 'a method option') + f' (gin tune.{option})')
+  p.add_argument('--inputs_length', type=int, default=None,
+                 help="input text budget in tokens (default: the task's own, else 512)")
+  p.add_argument('--targets_length', type=int, default=None,
+                 help="target budget in tokens (default: the task's own, else 16)")
+  p.add_argument('--config', default=None,
+                 help="the backbone's T5 config name (e.g. t5_1_1_base) when the checkpoint "
+                      'cannot say (gin tune.config, as the model gin files bind it)')
+
+
+def _tune_command(args, files: list[str], bindings: list[str]) -> int:
+  flags = list(MACRO_FLAGS) + list(_run_flag_names()) + ['train_file', 'inputs_length',
+                                                          'targets_length', 'config']
+  if not files and not bindings and not any(getattr(args, f) is not None for f in flags):
+    from jaxprompt.lab import demo
+    demo.run_demo(steps=args.demo_steps)
+    return 0
+  files = files or ['runs/prompt_tune.gin']
+  extra = _run_bindings(args)
+  extra.append(f'tune.resume = {bool(args.resume)}')
   if args.train_file:
     extra += [_binding('setup_tasks.train_file', args.train_file),
               _binding('setup_tasks.task_name', args.task or 'user_task'),
@@ -299,7 +355,13 @@ def _info_command(args) -> int:
   """Any artefact the project writes (a run, a prompt, a library, a prune, a projector) or a
   checkpoint, with its provenance (`jaxprompt.artefacts`)."""
   from jaxprompt import artefacts
+  from jaxprompt.checkpoints import is_remote
   path = args.path
+  if not (os.path.exists(path) or is_remote(path) or path == 'lab' or path.startswith('lab:')):
+    raise FileNotFoundError(f'{path}: no such file or directory; jaxprompt info describes a run '
+                            'directory, a prompt file (.safetensors, .npy), a PEFT adapter folder, '
+                            'a prompt library, a prune, a projector or a checkpoint (T5X or '
+                            "Hugging Face; 'lab': the lab backbone)")
   if artefacts.kind_of(path) != 'checkpoint':
     d = artefacts.describe(path)
     print(json.dumps(d, default=str) if args.json else artefacts.format_description(d))
@@ -317,6 +379,10 @@ def _backbone_path(path: str) -> str:
 
 def _eval_command(args) -> int:
   from jaxprompt import evaluate
+  from jaxprompt.prompts.files import read_prompt
+  for path in args.prompt or ():  # a wrong file fails now, not after the backbone has loaded
+    if '://' not in path and not os.path.isdir(path):
+      read_prompt(path)
   setup_tasks(args.vocabulary)
   prompt = args.prompt[0] if args.prompt and len(args.prompt) == 1 else args.prompt
   lengths = {k: v for k, v in (('inputs', args.inputs_length), ('targets', args.targets_length))
@@ -329,7 +395,7 @@ def _eval_command(args) -> int:
   metrics = evaluate.evaluate(args.task, backbone=args.backbone, prompt=prompt,
                               split=args.split, mode=args.mode, batch_size=args.batch_size,
                               feature_lengths=lengths or None, max_examples=args.max_examples,
-                              config=args.config)
+                              config=args.config, dtype=args.dtype)
   if args.json:
     print(json.dumps(metrics))
   else:
@@ -339,6 +405,98 @@ def _eval_command(args) -> int:
     for k, v in metrics.items():
       print(f'  {k:<{width}}  {v:10.4f}')
   return 0
+
+
+def _infer_command(args) -> int:
+  """A thin view of `jaxprompt.inference.infer`: flags in, predictions file out."""
+  import ast
+  from jaxprompt import inference
+  from jaxprompt.config import RunConfig
+  setup_tasks(args.vocabulary)
+  submesh = None
+  if args.model_parallel_submesh:
+    try:
+      submesh = tuple(ast.literal_eval(args.model_parallel_submesh))
+    except (ValueError, SyntaxError, TypeError):
+      raise UsageError(f'--model_parallel_submesh {args.model_parallel_submesh}: give a tuple, '
+                       'e.g. (1,1,1,2)') from None
+  placement = RunConfig(num_partitions=args.num_partitions, model_parallel_submesh=submesh,
+                        param_dtype=args.param_dtype, dtype=args.dtype,
+                        coordinator_address=args.coordinator_address,
+                        num_processes=args.num_processes, process_id=args.process_id)
+  if args.resume and not args.output:
+    raise UsageError('--resume continues an --output file; give --output')
+  prompt = args.prompt
+  if prompt and len(prompt) == 1:
+    prompt = prompt[0]
+  rows = inference.infer(
+      backbone=args.backbone, prompt=prompt, library=args.library, input=args.input,
+      output=args.output, task=args.task, split=args.split, input_column=args.input_column,
+      task_column=args.task_column, mode=args.mode, num_beams=args.num_beams,
+      label_names=args.label_names.split(',') if args.label_names else None,
+      inputs_length=args.inputs_length, max_decode_length=args.max_decode_length,
+      batch_size=args.batch_size, max_examples=args.max_examples, vocabulary=args.vocabulary,
+      config=args.config, run_config=placement, resume=args.resume, overwrite=args.overwrite,
+      progress=args.output is not None and not args.no_progress)
+  import jax
+  if jax.process_index() == 0:
+    if args.output:
+      print(f'predictions: {args.output} ({len(rows)} rows)')
+    else:
+      for row in rows:
+        print(json.dumps(row, ensure_ascii=False, default=str))
+  return 0
+
+
+def _add_infer_parser(sub) -> None:
+  from jaxprompt.config import ACTIVATION_DTYPES, HELP, PARAM_DTYPES
+  p = sub.add_parser('infer', help='predictions of a tuned prompt (or one prompt per task) for '
+                     'new inputs: a JSONL/TSV/CSV file or a task split')
+  p.add_argument('--backbone', required=True,
+                 help="checkpoint (T5X legacy/Orbax, HF), or 'lab' for the lab's backbone")
+  p.add_argument('--prompt', default=None, nargs='+',
+                 help="what eval takes (a prompt file, .npy, a PEFT adapter, a model-tuned "
+                      "checkpoint; several files vote as an ensemble; 'none': the backbone "
+                      'alone), or one prompt per task: TASK=FILE,TASK=FILE (mixed-task batches)')
+  p.add_argument('--library', default=None,
+                 help='a SPoT prompt library: one prompt per task, mixed-task batches')
+  p.add_argument('--input', default=None, help='a JSONL/TSV/CSV file of inputs')
+  p.add_argument('--output', default=None,
+                 help='predictions file (.jsonl; default: print the rows)')
+  p.add_argument('--task', default=None,
+                 help="a seqio task's examples instead of --input (with --split)")
+  p.add_argument('--split', default='validation', help='the --task split (validation)')
+  p.add_argument('--input_column', default='input', help='the text column of --input (input)')
+  p.add_argument('--task_column', default='task',
+                 help="the column naming each row's task, for one prompt per task (task)")
+  p.add_argument('--mode', default='auto', choices=('auto', 'greedy', 'beam', 'rank'),
+                 help='greedy or beam decoding, rank classification over the label texts '
+                      '(auto: rank when the labels are known)')
+  p.add_argument('--num_beams', type=int, default=4, help='beam search width (4)')
+  p.add_argument('--label_names', default=None,
+                 help="comma-separated label texts for --mode rank (default: the tasks' own)")
+  p.add_argument('--inputs_length', type=int, default=None,
+                 help="input budget in tokens (default: the tasks' own, else 512; longer "
+                      'inputs are cut and counted)')
+  p.add_argument('--max_decode_length', type=int, default=None,
+                 help="output tokens (default: the tasks' targets length, else 16)")
+  p.add_argument('--batch_size', type=int, default=32, help='rows per batch (32)')
+  p.add_argument('--max_examples', type=int, default=None, help='the first N rows only')
+  p.add_argument('--vocabulary', default=None,
+                 help="SentencePiece model (default: the tasks', the lab's, else T5's)")
+  p.add_argument('--config', default=None, help='T5 config name when the checkpoint has none')
+  p.add_argument('--resume', action='store_true',
+                 help='finish an interrupted run into --output (rows written are kept)')
+  p.add_argument('--overwrite', action='store_true', help='replace an existing --output')
+  p.add_argument('--no_progress', action='store_true', help='no progress bar')
+  p.add_argument('--num_partitions', type=int, default=1, help=HELP['num_partitions'])
+  p.add_argument('--model_parallel_submesh', default=None, help=HELP['model_parallel_submesh'])
+  p.add_argument('--param_dtype', default='float32', choices=PARAM_DTYPES,
+                 help=HELP['param_dtype'])
+  p.add_argument('--dtype', default=None, choices=ACTIVATION_DTYPES, help=HELP['dtype'])
+  p.add_argument('--coordinator_address', default=None, help=HELP['coordinator_address'])
+  p.add_argument('--num_processes', type=int, default=None, help=HELP['num_processes'])
+  p.add_argument('--process_id', type=int, default=None, help=HELP['process_id'])
 
 
 def _export_command(args) -> int:
@@ -390,6 +548,8 @@ def _lab_command(args) -> int:
       seeds = [int(x) for x in args.seeds.split(',')]
     except ValueError:
       raise ValueError(f'--seeds {args.seeds}: give comma-separated integers, e.g. 0,1,2') from None
+    print(f'lab report {args.what}: writes {os.path.abspath(out)} at the end', file=sys.stderr,
+          flush=True)
     ckpt = backbone.build(steps=build_steps(), preset=args.preset or 'methods')
     with tempfile.TemporaryDirectory(prefix='jaxprompt_lab_') as scratch:
       work = args.work or scratch
@@ -407,47 +567,41 @@ def _lab_command(args) -> int:
   return 0
 
 
+PLAN_SKIPS = ('steps', 'model_dir')  # tune's flags plan has not (--steps is plan's own)
+
+
 def _add_plan_parser(sub) -> None:
-  from jaxprompt.config import HELP, PARAM_DTYPES, REMAT_POLICIES
-  p = sub.add_parser('plan', help='will a run fit? per-device memory of its compiled steps for '
-                     'each mesh of a device target (abstract weights, nothing allocated)')
-  p.add_argument('--model', required=True,
-                 help='a T5 config name (t5_1_1_xxl), a model gin file (models/t5_1_1/xxl.gin) '
-                      'or a checkpoint')
+  p = sub.add_parser('plan', help='will a run fit? per-device memory of the steps `tune` would '
+                     'compile, for each mesh of a device target (abstract weights, nothing '
+                     'allocated)', description='Takes the run as `jaxprompt tune` does: its '
+                     'flags, --gin_file=F and --gin.NAME=VALUE, with the same defaults.')
+  p.add_argument('--model', default=None,
+                 help='a T5 config name (t5_1_1_xxl, as --config), a model gin file '
+                      '(models/t5_1_1/xxl.gin, as --gin_file) or a checkpoint (as --backbone)')
   p.add_argument('--target', default='cpu:1',
                  help="cpu:N, or a TPU topology with libtpu installed: v3-8, v3-32, v4-16, v5p-8, "
                       "v5p-2 (one chip), libtpu's v4:2x2x2 (default cpu:1)")
+  p.add_argument('--tpu_mode', default=None, choices=('megacore', 'per_core'),
+                 help="a TPU's devices as JAX sees them: v4 megacore (default, one device per "
+                      'chip) or per_core; v2/v3 are per core, v5p megacore, v5e/v6e one core '
+                      'per chip')
   p.add_argument('--meshes', default=None,
-                 help='(data, model) shapes to try, e.g. 1x8,2x4 (default: every factorisation)')
-  p.add_argument('--method', default='prompt_tuning', help='prompt_tuning or model_tuning')
-  p.add_argument('--batch_size', type=int, default=32, help='global batch size (32)')
-  p.add_argument('--inputs_length', type=int, default=512, help='input tokens (512)')
-  p.add_argument('--targets_length', type=int, default=16, help='target tokens (16)')
-  p.add_argument('--prompt_length', type=int, default=100, help='prompt tokens (100)')
-  p.add_argument('--dtype', default='bfloat16', help='activation dtype (bfloat16)')
-  p.add_argument('--param_dtype', default='float32', choices=PARAM_DTYPES,
-                 help=HELP['param_dtype'])
-  p.add_argument('--remat_policy', default='none', choices=REMAT_POLICIES,
-                 help=HELP['remat_policy'])
-  p.add_argument('--scan_layers', action='store_true', help=HELP['scan_layers'])
-  p.add_argument('--accumulate_steps', type=int, default=1, help=HELP['accumulate_steps'])
-  p.add_argument('--parameter_partitioning_dims', type=int, default=1, choices=(1, 2),
-                 help=HELP['parameter_partitioning_dims'])
-  p.add_argument('--activation_partitioning_dims', type=int, default=1, choices=(1, 2),
-                 help=HELP['activation_partitioning_dims'])
-  p.add_argument('--logical_axis_rules', default=None, help=HELP['logical_axis_rules'])
+                 help="(data, model) shapes to try, e.g. 1x8,2x4 (default: the run's own mesh "
+                      'when it names one (--num_partitions, --model_parallel_submesh), else '
+                      'every factorisation)')
   p.add_argument('--device_memory', default=None,
                  help="memory per device to judge fit against, e.g. 80GB (a GPU's) or 95GiB "
                       "(default: the TPU's own; none for cpu)")
   p.add_argument('--steps', default='train,eval', help='steps to compile (train,eval)')
   p.add_argument('--json', action='store_true', help='print the rows as JSON')
   p.add_argument('--out', default=None, help='also write the rows and settings to this JSON file')
+  _add_run_arguments(p, skip=PLAN_SKIPS)
 
 
-def _plan_command(args) -> int:
-  import ast
+def _plan_command(args, files: list[str], bindings: list[str]) -> int:
   from jax._src import xla_bridge
   from jaxprompt import plan as plan_lib
+  from jaxprompt.model import NAMED_CONFIGS
   cpus = re.fullmatch(r'cpu:(\d+)', args.target)
   if cpus and not xla_bridge.backends_are_initialized():  # N host devices, before jax starts
     os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
@@ -461,37 +615,29 @@ def _plan_command(args) -> int:
       assert all(len(m) == 2 for m in meshes)
     except (ValueError, AssertionError):
       raise UsageError(f'--meshes {args.meshes}: give DATAxMODEL shapes, e.g. 1x8,2x4') from None
-  rules = None
-  if args.logical_axis_rules:
-    try:
-      rules = ast.literal_eval(args.logical_axis_rules)
-    except (ValueError, SyntaxError):
-      raise UsageError(f'--logical_axis_rules: not a Python literal; give e.g. '
-                       f"\"(('batch', 'data'), ('embed', 'model'))\"") from None
-  settings = dict(model=args.model, method=args.method, batch=args.batch_size,
-                  inputs=args.inputs_length, prompt=args.prompt_length,
-                  targets=args.targets_length, activations=args.dtype,
-                  params=args.param_dtype, remat=args.remat_policy, scan_layers=args.scan_layers,
-                  accumulate_steps=args.accumulate_steps,
-                  parameter_partitioning_dims=args.parameter_partitioning_dims)
+  files = list(files) or ['runs/prompt_tune.gin']  # tune's run file by default
+  extra = _run_bindings(args, skip=PLAN_SKIPS)
+  if args.model and args.model.endswith('.gin'):
+    files.insert(0, args.model)
+  elif args.model:
+    extra.append(_binding('tune.config' if args.model in NAMED_CONFIGS else 'tune.backbone',
+                          args.model))
+  options = gin_tune_options(files, extra + bindings)
 
   def report(row):
     if not args.json:
       print(plan_lib.format_row(row), flush=True)
 
-  if not args.json:
-    print(plan_lib.describe_settings(settings), flush=True)
+  def on_target(target):
+    if not args.json:
+      print(plan_lib.describe_settings(target.settings), flush=True)
+      plan_lib.print_target(target)
+
   target, rows = plan_lib.plan(
-      args.model, batch_size=args.batch_size, inputs_length=args.inputs_length,
-      targets_length=args.targets_length, prompt_length=args.prompt_length, method=args.method,
-      target=args.target, meshes=meshes, dtype=args.dtype, param_dtype=args.param_dtype,
-      remat_policy=args.remat_policy, scan_layers=args.scan_layers,
-      accumulate_steps=args.accumulate_steps, device_memory=args.device_memory,
-      parameter_partitioning_dims=args.parameter_partitioning_dims,
-      activation_partitioning_dims=args.activation_partitioning_dims,
-      logical_axis_rules=rules, steps=args.steps.split(','),
-      report=report, on_target=None if args.json else plan_lib.print_target)
-  result = dict(settings, target=target.name, devices=len(target.devices),
+      target=args.target, meshes=meshes, device_memory=args.device_memory,
+      steps=args.steps.split(','), tpu_mode=args.tpu_mode, report=report, on_target=on_target,
+      **options)
+  result = dict(target.settings, target=target.name, devices=len(target.devices),
                 device_memory=target.device_memory, compiler=target.compiler,
                 rows=[r.to_dict() for r in rows])
   if args.json:
@@ -506,27 +652,15 @@ def _plan_command(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
   from jaxprompt.config import HELP
-  parser = argparse.ArgumentParser(prog='jaxprompt', description=__doc__.split('\n')[0],
+  parser = Parser(prog='jaxprompt', description=__doc__.split('\n')[0],
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--debug', action='store_true', help='show tracebacks')
   sub = parser.add_subparsers(dest='command', required=True)
 
   tune = sub.add_parser('tune', help='tune a soft prompt (no arguments: the embedded demo)',
                         description='Also accepts --gin_file=F and --gin.NAME=VALUE.')
-  for flag, macro in MACRO_FLAGS.items():
-    help_text = MACRO_HELP.get(flag) or HELP.get(flag, '')
-    tune.add_argument(f'--{flag}', default=None, help=f'{help_text} (gin macro {macro})')
-  for flag, option in _run_flag_names().items():
-    tune.add_argument(f'--{flag}', default=None,
-                      help=HELP.get(option, 'a method option') + f' (gin tune.{option})')
-  tune.add_argument('--inputs_length', type=int, default=None,
-                    help="input text budget in tokens (default: the task's own, else 512)")
-  tune.add_argument('--targets_length', type=int, default=None,
-                    help="target budget in tokens (default: the task's own, else 16)")
+  _add_run_arguments(tune)
   tune.add_argument('--resume', action='store_true', help='continue the run in --model_dir')
-  tune.add_argument('--config', default=None,
-                    help="the backbone's T5 config name (e.g. t5_1_1_base) when the checkpoint "
-                         'cannot say (gin tune.config, as the model gin files bind it)')
   tune.add_argument('--train_file', help='a JSONL/TSV/CSV file of training examples')
   tune.add_argument('--validation_file', help='a JSONL/TSV/CSV file of validation examples')
   tune.add_argument('--input_column', default='input', help='input column(s) of the files')
@@ -553,6 +687,9 @@ def build_parser() -> argparse.ArgumentParser:
                   help="target budget (default: the task's own, else 16)")
   ev.add_argument('--max_examples', type=int, default=None, help='score the first N only')
   ev.add_argument('--config', default=None, help='T5 config name when the checkpoint has none')
+  ev.add_argument('--dtype', default=None, choices=('float32', 'bfloat16'),
+                  help="activation dtype (default: the checkpoint config's, float32 for T5X and "
+                       'HF checkpoints; bfloat16 scores as the shipped model gin files train)')
   ev.add_argument('--vocabulary', default=None, help="SentencePiece model (default: T5's)")
   ev.add_argument('--json', action='store_true', help='print the metrics as JSON')
 
@@ -582,6 +719,7 @@ def build_parser() -> argparse.ArgumentParser:
     command.add_arguments(sub.add_parser(name, help=command.help))
 
   _add_plan_parser(sub)
+  _add_infer_parser(sub)
 
   lab = sub.add_parser('lab', help="the lab: a small pretrained backbone and related tasks")
   lab_sub = lab.add_subparsers(dest='lab_command', required=True)
@@ -607,7 +745,8 @@ def build_parser() -> argparse.ArgumentParser:
                       'prompt; transfer: a related source prompt vs class-label init per target')
   r.add_argument('--preset', default=None,
                  help='backbone preset (default: demo for targets, methods for the others)')
-  r.add_argument('--out', default=None, help='JSON file to write (default lab_report.json)')
+  r.add_argument('--out', default=None, help='JSON file to write (default lab_report.json; '
+                 'sources: lab_sources.json; transfer: lab_transfer.json)')
   r.add_argument('--overwrite', action='store_true', help='replace an existing --out file')
   r.add_argument('--steps', type=int, default=None,
                  help='prompt- and model-tuning steps per target (default 1000)')
@@ -652,6 +791,32 @@ def _run_lab_study(module: str, study_args: list[str], prog: str) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  with plain_warnings():
+    return _main(argv)
+
+
+@contextlib.contextmanager
+def plain_warnings():
+  """jaxprompt's own warnings (a prompt made for another backbone, ...) as one plain line on
+  stderr, `jaxprompt: warning: ...`, without Python's source path and code line."""
+  import warnings
+  package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+  shown = warnings.showwarning
+
+  def show(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, UserWarning) and os.path.abspath(filename).startswith(package):
+      print(f'jaxprompt: warning: {" ".join(str(message).split())}', file=sys.stderr)
+    else:
+      shown(message, category, filename, lineno, file, line)
+
+  warnings.showwarning = show
+  try:
+    yield
+  finally:
+    warnings.showwarning = shown
+
+
+def _main(argv: Sequence[str] | None = None) -> int:
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
   argv = list(sys.argv[1:] if argv is None else argv)
   rest, files, bindings = _split_gin_args(argv)
@@ -665,8 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
   if not light:  # the others read data through seqio (TensorFlow)
     host.import_quietly('tensorflow')
     quiet_libraries()
-  if (files or bindings) and args.command != 'tune':
-    return _fail('--gin_file / --gin.NAME apply to `jaxprompt tune` only')
+  if (files or bindings) and args.command not in ('tune', 'plan'):
+    return _fail('--gin_file / --gin.NAME apply to `jaxprompt tune` and `plan` only')
   try:
     if study is not None:
       return _run_lab_study(*study)
@@ -678,10 +843,12 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _info_command(args)
     if args.command == 'export':
       return _export_command(args)
+    if args.command == 'infer':
+      return _infer_command(args)
     if args.command == 'lab':
       return _lab_command(args)
     if args.command == 'plan':
-      return _plan_command(args)
+      return _plan_command(args, files, bindings)
     from jaxprompt.methods import commands
     return commands()[args.command].run(args)
   except Exception as e:  # one line for the user; --debug for the traceback

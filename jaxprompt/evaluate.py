@@ -15,7 +15,8 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
              split: str = 'validation', mode: str = 'auto', batch_size: int = 32,
              feature_lengths: Mapping[str, int] | None = None, max_examples: int | None = None,
              config=None, prompt_position: str | None = None,
-             num_partitions: int = 1, run_config=None) -> dict[str, float]:
+             num_partitions: int = 1, run_config=None,
+             dtype: str | None = None) -> dict[str, float]:
   """Task metrics (and teacher-forced loss) of `backbone` with `prompt` on `task`/`split`.
 
   Args:
@@ -30,28 +31,48 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
     num_partitions: the `model` mesh axis size.
     run_config: a `RunConfig` whose mesh and axis-rule options (`model_parallel_submesh`,
       `logical_axis_rules`, partitioning dims, `num_partitions`) place the backbone.
+    dtype: the activation dtype ('float32' | 'bfloat16'); None: `run_config`'s, else the
+      backbone config's own (as a run's `RunConfig.dtype`).
   """
   from jaxprompt.checkpoints.backbone import load_backbone
   from jaxprompt.config import FALLBACK_FEATURE_LENGTHS
   from jaxprompt.data.tasks import check_task_name, member_tasks, task_defaults
-  from jaxprompt.methods import Context, get_method
-  from jaxprompt.prompts.files import check_compatible, read_prompt
   check_task_name(task)
   from jaxprompt.config import RunConfig as _RunConfig
   from jaxprompt.train import partitioning as _partitioning
   placement = run_config or _RunConfig(num_partitions=num_partitions)
+  placement = placement.replace(dtype=dtype) if dtype else placement  # checked there
   mesh = _partitioning.mesh_from_config(placement)
   rules = _partitioning.rules_from_config(placement)
   bb = load_backbone(backbone, config,  # straight into the engine's shardings
-                     shardings=lambda c: engine_lib.backbone_shardings_for(c, mesh, rules))
+                     shardings=lambda c: engine_lib.backbone_shardings_for(c, mesh, rules),
+                     activation_dtype=placement.dtype)
   lengths = dict(feature_lengths or task_defaults(task).get('feature_lengths',
                                                             FALLBACK_FEATURE_LENGTHS))
   tasks = member_tasks(task)
-  position = prompt_position
+  method, trainable, extras, position = load_product(bb, prompt, tasks)
+  position = prompt_position or position
+  position_index = prompt_lib.position_index(position or 'prefix')
+  eng, state = engine_lib.build_engine(bb.module, method.eval_inputs, None,
+                                       {'backbone': bb.params, **extras}, trainable,
+                                       prompt_position=position_index,
+                                       mesh=mesh, rules=rules,
+                                       trainable_is_backbone=method.trains_backbone)
+  validation = evaluation.build_validation(eng, method, tasks, split, lengths, batch_size, mode,
+                                           max_examples, position_index, steps.LossConfig())
+  return validation(state.trainable)
+
+
+def load_product(bb, prompt, tasks: Sequence[str]):
+  """(method, trainable, frozen extras, the product's prompt position or None) of what
+  `evaluate` and `jaxprompt infer` take as `prompt` (see `evaluate`), on backbone `bb` for
+  `tasks` (a stack's rows are picked for them)."""
+  from jaxprompt.methods import Context, get_method
+  from jaxprompt.prompts.files import check_compatible, read_prompt
+  position = None
   if prompt is None:
-    method = get_method('model_tuning')
-    trainable, extras = bb.params, {}
-  elif isinstance(prompt, (list, tuple)) and len(prompt) > 1:
+    return get_method('model_tuning'), bb.params, {}, None
+  if isinstance(prompt, (list, tuple)) and len(prompt) > 1:
     values = []
     for path in prompt:
       pf = read_prompt(path)
@@ -63,37 +84,28 @@ def evaluate(task: str, *, backbone, prompt: str | Sequence[str] | None = None,
       position = position or pf.metadata.get('position')
     if len({v.shape for v in values}) > 1:
       raise ValueError(f'ensemble prompts differ in shape: {[v.shape for v in values]}')
-    method = get_method('prompt_ensemble')
-    trainable, extras = prompt_lib.prompt_tree(np.stack(values)), {}
+    return (get_method('prompt_ensemble'), prompt_lib.prompt_tree(np.stack(values)), {},
+            position)
+  path = prompt[0] if isinstance(prompt, (list, tuple)) else prompt
+  from jaxprompt.checkpoints import exists, join
+  if exists(join(str(path), 'config.json')) and not exists(join(str(path),
+                                                                'adapter_config.json')):
+    method = get_method('model_tuning')  # a model-tuned checkpoint
+    metadata = {}
   else:
-    path = prompt[0] if isinstance(prompt, (list, tuple)) else prompt
-    from jaxprompt.checkpoints import exists, join
-    if exists(join(str(path), 'config.json')) and not exists(join(str(path),
-                                                                  'adapter_config.json')):
-      method = get_method('model_tuning')  # a model-tuned checkpoint
-      metadata = {}
-    else:
-      metadata = read_prompt(path).metadata
-      method = get_method(metadata.get('method', 'prompt_tuning'))
-      position = position or metadata.get('position')
-    ctx = Context(bb, task, tasks, None, None, None, None)
-    trainable, extras = method.load_product(path, ctx)
-    if method.uses_task_index:  # a stack: evaluate each task with its own row
-      trained_on = list(metadata.get('tasks') or [])
-      missing = [t for t in tasks if t not in trained_on]
-      if missing:
-        raise ValueError(f'{path}: a prompt stack for {", ".join(trained_on) or "unknown tasks"}'
-                         f' has no row for {", ".join(missing)}')
-      method = _RowsOf(method, [trained_on.index(t) for t in tasks])
-  position_index = prompt_lib.position_index(position or 'prefix')
-  eng, state = engine_lib.build_engine(bb.module, method.eval_inputs, None,
-                                       {'backbone': bb.params, **extras}, trainable,
-                                       prompt_position=position_index,
-                                       mesh=mesh, rules=rules,
-                                       trainable_is_backbone=method.trains_backbone)
-  validation = evaluation.build_validation(eng, method, tasks, split, lengths, batch_size, mode,
-                                           max_examples, position_index, steps.LossConfig())
-  return validation(state.trainable)
+    metadata = read_prompt(path).metadata
+    method = get_method(metadata.get('method', 'prompt_tuning'))
+    position = metadata.get('position')
+  ctx = Context(bb, tasks[0], tuple(tasks), None, None, None, None)
+  trainable, extras = method.load_product(path, ctx)
+  if method.uses_task_index:  # a stack: evaluate each task with its own row
+    trained_on = list(metadata.get('tasks') or [])
+    missing = [t for t in tasks if t not in trained_on]
+    if missing:
+      raise ValueError(f'{path}: a prompt stack for {", ".join(trained_on) or "unknown tasks"}'
+                       f' has no row for {", ".join(missing)}')
+    method = _RowsOf(method, [trained_on.index(t) for t in tasks])
+  return method, trainable, extras, position
 
 
 class _RowsOf:

@@ -19,6 +19,7 @@ Nothing is estimated and no weight is allocated: the backbone and the trainable 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import re
@@ -31,9 +32,18 @@ TPU_CHIP_MEMORY = {'TPU v2': 16 * GiB, 'TPU v3': 32 * GiB, 'TPU v4': 32 * GiB,
                    'TPU v5': 95 * GiB, 'TPU v5p': 95 * GiB, 'TPU v5 lite': 16 * GiB,
                    'TPU v5e': 16 * GiB, 'TPU v6 lite': 32 * GiB, 'TPU v6e': 32 * GiB}
 TPU_CORES_PER_CHIP = {'v2': 2, 'v3': 2, 'v4': 2, 'v5p': 2, 'v5e': 1, 'v6e': 1}
+# How JAX sees a generation's chips on Cloud TPU (the first mode is its default): v4 and v5p run
+# in megacore mode, one device per chip holding both TensorCores and the chip's HBM; v2/v3 show
+# one device per core; v5e/v6e have one core per chip. libtpu's compile-only default for v4 is
+# one device per core, so 'megacore' is asked for by its chip configuration name.
+TPU_MODES = {'v2': ('per_core',), 'v3': ('per_core',), 'v4': ('megacore', 'per_core'),
+             'v5p': ('megacore',), 'v5e': ('per_chip',), 'v6e': ('per_chip',)}
 TPU_3D = ('v4', 'v5p')
 STEPS = ('train', 'eval')
-METHODS = ('prompt_tuning', 'model_tuning')
+# The model's features of a train batch (`jaxprompt.data.features.MODEL_FEATURES`, which
+# imports TensorFlow): [batch, inputs] for the encoder, [batch, targets] for the decoder.
+MODEL_FEATURES = ('encoder_input_tokens', 'decoder_input_tokens', 'decoder_target_tokens',
+                  'decoder_loss_weights')
 
 
 class PlanError(ValueError):
@@ -48,6 +58,7 @@ class Target:
   devices: list
   device_memory: int | None  # bytes per device; None: no budget to judge against
   compiler: str
+  settings: dict = dataclasses.field(default_factory=dict)  # the run's, as `plan` compiled it
 
 
 @dataclasses.dataclass
@@ -68,6 +79,7 @@ class Row:
   compile_seconds: float
   device_memory: int | None
   compiler_error: str | None = None
+  fingerprint: str | None = None  # the program's StableHLO hash (`fingerprint`)
 
   @property
   def total(self) -> int | None:
@@ -96,6 +108,7 @@ def _bytes(number: str, unit: str) -> int:
 
 
 def _compile(lowered, mesh, step, device_memory) -> Row:
+  program = fingerprint(lowered)
   start = time.perf_counter()
   try:
     stats = lowered.compile().memory_analysis()
@@ -105,10 +118,11 @@ def _compile(lowered, mesh, step, device_memory) -> Row:
       raise
     return Row(mesh, step, None, None, _bytes(*found.group(1, 2)), None, None,
                time.perf_counter() - start, _bytes(*found.group(3, 4)),
-               compiler_error=found.group(0))
+               compiler_error=found.group(0), fingerprint=program)
   return Row(mesh, step, stats.argument_size_in_bytes, stats.output_size_in_bytes,
              stats.temp_size_in_bytes, stats.alias_size_in_bytes,
-             stats.generated_code_size_in_bytes, time.perf_counter() - start, device_memory)
+             stats.generated_code_size_in_bytes, time.perf_counter() - start, device_memory,
+             fingerprint=program)
 
 
 def parse_memory(text: str | float | int | None) -> int | None:
@@ -152,11 +166,25 @@ def _tpu_topology(name: str) -> tuple[str, dict]:
   return name, kwargs
 
 
-def target_devices(target: str, device_memory: int | None = None) -> Target:
+def tpu_mode(generation: str, mode: str | None) -> str:
+  """The device mode of a TPU generation: `mode` if the generation has it, else its default."""
+  modes = TPU_MODES.get(generation, ('per_chip',))
+  if mode is None:
+    return modes[0]
+  if mode not in modes:
+    raise PlanError(f'--tpu_mode {mode}: a {generation} runs as {" or ".join(modes)}')
+  return mode
+
+
+def target_devices(target: str, device_memory: int | None = None,
+                   mode: str | None = None) -> Target:
   """The devices of `target` ('cpu:N' or a TPU topology) and each one's memory (`device_memory`
-  overrides it, e.g. a GPU's budget judged on a stand-in)."""
+  overrides it, e.g. a GPU's budget judged on a stand-in). A TPU's devices are as JAX sees them
+  on Cloud TPU (`TPU_MODES`; `mode` picks the other where the generation has two)."""
   import jax
   m = re.fullmatch(r'cpu:(\d+)', target)
+  if m and mode is not None:
+    raise PlanError(f'--tpu_mode {mode}: for a TPU target; {target} is CPU devices')
   if m:
     n = int(m.group(1))
     devices = jax.devices('cpu')
@@ -172,13 +200,16 @@ def target_devices(target: str, device_memory: int | None = None) -> Target:
                     "'jaxprompt[tpu]') or plan for cpu:N") from None
   os.environ.setdefault('ALLOW_MULTIPLE_LIBTPU_LOAD', '1')  # compiling only: share the library
   from jax.experimental import topologies
+  mode = tpu_mode(name.split(':')[0], mode)
+  if mode == 'megacore':
+    kwargs['chip_config_name'] = 'megacore'
   devices = list(topologies.get_topology_desc(name, 'tpu', **kwargs).devices)
   kind = devices[0].device_kind
   chips = len({tuple(d.coords) for d in devices})
   per_device = TPU_CHIP_MEMORY.get(kind)
   if per_device is not None:
     per_device = per_device * chips // len(devices)
-  return Target(f'{target} ({name})', devices, device_memory or per_device,
+  return Target(f'{target} ({name}, {mode})', devices, device_memory or per_device,
                 f"libtpu ({kind}), ahead of time")
 
 
@@ -212,108 +243,166 @@ def candidate_meshes(device_count: int) -> list[tuple[int, int]]:
   return [(device_count // m, m) for m in range(1, device_count + 1) if device_count % m == 0]
 
 
-def _backbone(config, remat_policy: str, scan_layers: bool, param_dtype: str):
-  """The module and its frozen params as a run holds them (`tuning.hold_backbone`): remat and
-  scan set on the module, the params (stacked when scanned) in `param_dtype`, as structs."""
-  from jaxprompt.model import Transformer, layout
-  from jaxprompt.model.network import param_shapes
-  module = Transformer(config).clone(remat_policy=remat_policy, scan_layers=scan_layers)
-  return module, layout.cast_frozen(param_shapes(config, scan_layers), param_dtype)
+def _t5_config(model, config, backbone):
+  """The backbone's T5 config as the run gets it: the checkpoint's own (read, no weights), else
+  the named config (`tune.config`, `--config`), else `model`."""
+  from jaxprompt.model import T5Config, get_config
+  if backbone:
+    from jaxprompt.checkpoints.backbone import resolve_backbone_path
+    return resolve_model(resolve_backbone_path(backbone))
+  for given, read in ((config, get_config), (model, resolve_model)):
+    if isinstance(given, T5Config):
+      return given
+    if given:
+      return read(given)
+  raise PlanError('plan needs the backbone: give --model (a config name, model gin file or '
+                  'checkpoint), --config or --backbone')
 
 
-def plan(model, *, batch_size: int, inputs_length: int, targets_length: int,
-         prompt_length: int = 100, method: str = 'prompt_tuning', target: str = 'cpu:1',
-         meshes: Sequence[tuple[int, int]] | None = None, dtype: str = 'bfloat16',
-         param_dtype: str = 'float32', remat_policy: str = 'none', scan_layers: bool = False,
-         accumulate_steps: int = 1, device_memory: int | str | None = None,
-         parameter_partitioning_dims: int = 1, activation_partitioning_dims: int = 1,
-         logical_axis_rules=None, steps: Sequence[str] = STEPS,
-         report=None, on_target=None) -> tuple[Target, list[Row]]:
-  """Compiles `method`'s train and eval steps for each mesh of `target` with abstract weights.
+def _abstract_init(method, ctx):
+  """The method's initial (trainable, extras) as structs: its `init` traced on the abstract
+  weights. Only shapes matter, so prompts are shaped by the 'uniform' initialiser (the
+  run's initialiser may need the vocabulary or a file; every one gives the same shape)."""
+  import jax
+  import numpy as np
+  shaped = ctx.config.replace(prompt_init='uniform', init_from=None)
+  table = ctx.backbone.params['token_embedder']['embedding']
+  # `Context.embedding` reads the table as numpy: a zero view of its shape, no memory.
+  zeros = np.broadcast_to(np.zeros((), table.dtype), table.shape)
+
+  def init(params):
+    params = {**params, 'token_embedder': {**params['token_embedder'], 'embedding': zeros}}
+    bb = dataclasses.replace(ctx.backbone, params=params)
+    return method.init(jax.random.PRNGKey(0), dataclasses.replace(ctx, backbone=bb, config=shaped))
+  try:
+    return jax.eval_shape(init, ctx.backbone.params)
+  except (TypeError, ValueError, jax.errors.JAXTypeError) as e:  # needs concrete data
+    raise PlanError(f'--method {method.name}: its trainable cannot be shaped without data '
+                    f'({" ".join(str(e).split())[:200]})') from None
+
+
+def plan(model=None, *, target: str = 'cpu:1',
+         meshes: Sequence[tuple[int, int]] | None = None, device_memory: int | str | None = None,
+         steps: Sequence[str] = STEPS, tpu_mode: str | None = None,
+         inputs_length: int | None = None, targets_length: int | None = None,
+         task: str | None = None, backbone: str | None = None, method: str = 'prompt_tuning',
+         config=None, optimizer=None, model_dir: str | None = None, report=None,
+         on_target=None, **options) -> tuple[Target, list[Row]]:
+  """Compiles the train and eval steps `jaxprompt.tune` would run, for each mesh of `target`,
+  with abstract weights.
+
+  The run is described as `tune` takes it (`task`, `backbone`, `method`, `config` and every
+  other option: RunConfig fields and the method's own, with tune's defaults), and goes through
+  tune's own pieces: its RunConfig, `tuning.resolve_config` (the task's lengths, else the
+  paper's), `load_run_backbone`, the method's `init` (traced), `hold_backbone` and `run_engine`
+  (`partitioning.mesh_from_config`: `num_partitions`, `model_parallel_submesh`).
 
   Args:
-    model: a config name, a model gin file, a checkpoint path, or a `T5Config`.
-    batch_size, inputs_length, targets_length, prompt_length: the global batch's shapes.
-    method: prompt_tuning (the prompt trains, the backbone is frozen) or model_tuning.
+    model: a config name, a checkpoint or a `T5Config` (a model gin file goes through the CLI,
+      whose gin parsing is tune's);
+      stands for `config` / `backbone` when they are not given.
     target: 'cpu:N' or a TPU topology ('v3-8', 'v4-16', 'v5p-8', 'v4:2x2x2', ...).
-    meshes: (data, model) shapes; every factorisation of the device count by default.
-    dtype: activation dtype; param_dtype: the frozen backbone's dtype.
-    remat_policy, scan_layers: the model's (when it has them).
-    accumulate_steps: microbatches per train step.
-    parameter_partitioning_dims, activation_partitioning_dims, logical_axis_rules: the axis
-      rules, as `RunConfig` takes them.
+    meshes: (data, model) shapes to compile. By default the run's own mesh when it names one
+      (`num_partitions` > 1 or `model_parallel_submesh`), else every factorisation.
     device_memory: bytes (or '80GB') per device to judge fit against; the TPU's own by default.
+    steps: which of 'train', 'eval' to compile.
+    tpu_mode: 'megacore' or 'per_core' where the TPU generation has both (`target_devices`).
+    inputs_length, targets_length: `feature_lengths`, as the CLI's flags.
+    model_dir: accepted (a run's option) and unused.
     report: called with each row as it is measured (the CLI prints them as they come).
     on_target: called with the `Target` before the first compile.
 
   Returns:
     (target, rows): one row per (mesh, step).
   """
+  del model_dir
+  label = model if isinstance(model, str) else None
   import jax
   import jax.numpy as jnp
-  from jaxprompt.config import RunConfig
-  from jaxprompt.methods import Context, get_method
-  from jaxprompt.model import T5Config
-  from jaxprompt.prompts import prompt as prompt_lib
-  from jaxprompt.train import engine as engine_lib, partitioning
-  if method not in METHODS:
-    raise PlanError(f'--method {method}: plan knows {", ".join(METHODS)}')
-  if batch_size % accumulate_steps:
-    raise PlanError(f'--batch_size {batch_size} does not split into --accumulate_steps '
-                    f'{accumulate_steps} microbatches')
-  config = model if isinstance(model, T5Config) else resolve_model(model)
-  config = config.replace(dtype=dtype)
-  tgt = target_devices(target, parse_memory(device_memory))
+  from jaxprompt import tuning
+  from jaxprompt.checkpoints.backbone import Backbone
+  from jaxprompt.config import ConfigError, RunConfig, split_options
+  from jaxprompt.methods import Context, get_method, method_names
+  from jaxprompt.model import Transformer
+  from jaxprompt.model.network import param_shapes
+  if isinstance(model, str) and model.endswith('.gin'):
+    raise PlanError(f'{model}: a model gin file binds more than its config (its activation dtype, '
+                    'the run file\'s macros); plan it as tune reads it: jaxprompt plan '
+                    f'--gin_file={model}, or give plan() the config name and options')
+  if method not in method_names():
+    raise PlanError(f'--method {method}: no such method; choose one of '
+                    f'{", ".join(method_names())}')
+  m = get_method(method)
+  if inputs_length or targets_length:
+    options['feature_lengths'] = {**(options.get('feature_lengths') or {}), **{
+        k: v for k, v in (('inputs', inputs_length), ('targets', targets_length)) if v}}
+  run_options, method_options = split_options(options, m.Options)
+  try:
+    run_config = tuning.resolve_config(RunConfig(method=method, **run_options), task)
+  except ConfigError as e:  # the run's own check, as tune raises it
+    raise PlanError(str(e)) from None
+  tuning.check_backbone_options(m, run_config)
+  t5_config = _t5_config(model, config, backbone)
+  tgt = target_devices(target, parse_memory(device_memory), tpu_mode)
+  abstract = Backbone(Transformer(t5_config), param_shapes(t5_config, False), backbone,
+                      'abstract')
+  own_mesh = run_config.model_parallel_submesh is not None or run_config.num_partitions > 1
+  configs = ([run_config] if own_mesh and not meshes else
+             [run_config.replace(num_partitions=parts, model_parallel_submesh=None)
+              for _, parts in meshes or candidate_meshes(len(tgt.devices))])
+  for shape in meshes or ():
+    if math.prod(shape) != len(tgt.devices):
+      raise PlanError(f'--meshes {shape}: {shape[0]} x {shape[1]} is not the '
+                      f'{len(tgt.devices)} devices of {tgt.name}')
+  batch_size, accumulate = run_config.batch_size, run_config.accumulate_steps
+  lengths = run_config.feature_lengths
+  c = run_config
+  module = tuning.load_run_backbone(m, abstract, None, configs[0], tgt.devices).module
+  tgt.settings = dict(
+      model=label or config or backbone, method=method, batch=batch_size,
+      inputs=lengths['inputs'], prompt=c.prompt_length, targets=lengths['targets'],
+      activations=module.config.dtype, params='float32' if m.trains_backbone else c.param_dtype,
+      remat=c.remat_policy, scan_layers=c.scan_layers, accumulate_steps=accumulate,
+      parameter_partitioning_dims=c.parameter_partitioning_dims,
+      activation_partitioning_dims=c.activation_partitioning_dims,
+      dropout=module.config.dropout_rate)
   if on_target:
     on_target(tgt)
-  if method == 'model_tuning' and param_dtype != 'float32':
-    raise PlanError('--param_dtype: model tuning trains the backbone, which is kept float32')
-  module, backbone = _backbone(config, remat_policy, scan_layers, param_dtype)
-  m = get_method(method)
-  run_config = RunConfig(method=method, batch_size=batch_size, prompt_length=prompt_length,
-                         accumulate_steps=accumulate_steps, param_dtype=param_dtype,
-                         remat_policy=remat_policy, scan_layers=scan_layers,
-                         parameter_partitioning_dims=parameter_partitioning_dims,
-                         activation_partitioning_dims=activation_partitioning_dims,
-                         logical_axis_rules=logical_axis_rules)
-  rules = partitioning.rules_from_config(run_config)
-  tx = m.optimizer(Context(None, '', (), None, None, run_config, None))
-  if m.trains_backbone:  # the trainable backbone (and its optimizer state) stays float32
-    frozen = {}
-    trainable = jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, jnp.float32),
-                                       backbone)
-  else:
-    frozen = {'backbone': backbone}
-    trainable = jax.eval_shape(
-        lambda: prompt_lib.prompt_tree(jnp.zeros((prompt_length, config.emb_dim), jnp.float32)))
-  lengths = {'encoder_input_tokens': inputs_length, 'decoder_input_tokens': targets_length,
-             'decoder_target_tokens': targets_length, 'decoder_loss_weights': targets_length}
-  batch_shapes = {k: ((batch_size, n), jnp.int32) for k, n in lengths.items()}
+  batch_shapes = {k: ((batch_size, lengths['targets' if k.startswith('decoder') else 'inputs']),
+                      jnp.int32) for k in MODEL_FEATURES}
+  if m.uses_task_index:
+    batch_shapes['task_index'] = ((batch_size,), jnp.int32)
   rows = []
-  for shape in meshes or candidate_meshes(len(tgt.devices)):
-    data, parts = shape
-    if data * parts != len(tgt.devices):
-      raise PlanError(f'--meshes {shape}: {data} x {parts} is not the {len(tgt.devices)} devices '
-                      f'of {tgt.name}')
-    if batch_size % (data * accumulate_steps):
-      if meshes:
-        raise PlanError(f'--meshes {shape}: a microbatch of {batch_size // accumulate_steps} '
-                        f'does not split over {data} data shards')
-      continue  # not a mesh this run can use
-    mesh = partitioning.make_mesh(parts, tgt.devices)
-    eng, state = engine_lib.build_engine(
-        module, m.model_inputs, tx, frozen, trainable, mesh=mesh,
-        rules=rules,
-        trainable_is_backbone=m.trains_backbone, accumulate_steps=accumulate_steps)
+  for i, run in enumerate(configs):
+    data = len(tgt.devices) // (math.prod(run.model_parallel_submesh)
+                                if run.model_parallel_submesh else run.num_partitions)
+    if batch_size % (data * accumulate):
+      if not meshes and not own_mesh:
+        continue  # not a mesh this run can use
+      raise PlanError(f'mesh {(data, len(tgt.devices) // data)}: a microbatch of '
+                      f'{batch_size // accumulate} does not split over {data} data shards')
+    bb = tuning.load_run_backbone(m, abstract, None, run, tgt.devices)
+    ctx = Context(bb, task or '', (task,) if task else (), None, None, run,
+                  m.Options(**method_options))
+    trainable, extras = _abstract_init(m, ctx)
+    tx = optimizer or m.optimizer(ctx)
+    ctx, trainable = tuning.hold_backbone(m, ctx, trainable)
+    eng, state = tuning.run_engine(m, ctx, trainable, extras, tx, tgt.devices)
+    shape = (int(eng.mesh.shape['data']), int(eng.mesh.shape['model']))
     batch = eng.abstract_batch(batch_shapes)
     for step in steps:
       lowered = (eng.lower_train(state, batch) if step == 'train'
                  else eng.lower_eval(state.trainable, batch))
-      row = _compile(lowered, (data, parts), step, tgt.device_memory)
+      row = _compile(lowered, shape, step, tgt.device_memory)
       rows.append(row)
       if report:
         report(row)
   return tgt, rows
+
+
+def fingerprint(lowered) -> str:
+  """A program's identity: the hash of its StableHLO text."""
+  return 'sha256:' + hashlib.sha256(lowered.as_text().encode()).hexdigest()[:16]
 
 
 def format_size(n: int | None) -> str:

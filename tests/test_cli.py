@@ -97,7 +97,8 @@ def test_tune_eval_info_end_to_end(tiny_setup, capsys):
   assert manifest['backbone'].startswith('sha256:')  # the fingerprint, checked on resume
   # The run directory now holds a run: a second start without --resume is refused ...
   assert cli.main(args) == 2
-  assert 'pass --resume' in capsys.readouterr().err
+  err = capsys.readouterr().err  # a finished run is not resumed by accident
+  assert 'finished' in err and 'new --model_dir' in err and '\n' not in err.strip()
   # ... and with --resume it continues (here: already finished) without error.
   assert cli.main(args + ['--resume']) == 0
   capsys.readouterr()

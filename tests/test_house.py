@@ -19,7 +19,8 @@ PACKAGE_DIR = os.path.dirname(jaxprompt.__file__)
 
 # (floor, module prefixes); a module belongs to the floor of its longest matching prefix.
 FLOORS = (
-    (0, ('jaxprompt.config', 'jaxprompt.host', 'jaxprompt.registry', 'jaxprompt.version')),
+    (0, ('jaxprompt.config', 'jaxprompt.flags', 'jaxprompt.host', 'jaxprompt.registry',
+         'jaxprompt.version')),
     (1, ('jaxprompt.model',)),
     (2, ('jaxprompt.data', 'jaxprompt.prompts', 'jaxprompt.checkpoints')),
     (3, ('jaxprompt.train',)),

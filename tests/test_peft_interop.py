@@ -256,15 +256,19 @@ def test_read_errors_name_the_file(tmp_path):
     read_peft_prompt(wrong)
 
 
-def test_two_submodules_keep_the_encoder_prompt(tmp_path):
-  """PEFT's seq2seq default (num_transformer_submodules=2) saves [2P, d]: encoder rows first."""
+def test_two_submodules_are_refused_unless_the_encoder_prompt_is_asked_for(tmp_path):
+  """PEFT's seq2seq default (num_transformer_submodules=2) saves [2P, d]: encoder rows first,
+  then the decoder's, which jaxprompt has no place for: refused, unless the Python API asks
+  for the encoder rows alone."""
   rows = _prompt(shape=(2 * LENGTH, 16))
   adapter = _adapter(tmp_path / 'two', {
       'peft_type': 'PROMPT_TUNING', 'task_type': 'SEQ_2_SEQ_LM', 'num_virtual_tokens': LENGTH,
       'token_dim': 16, 'num_transformer_submodules': 2, 'prompt_tuning_init': 'TEXT',
       'prompt_tuning_init_text': 'Classify:', 'base_model_name_or_path': 't5-small'}, rows)
-  with pytest.warns(UserWarning, match='num_transformer_submodules=2'):
-    pf = read_prompt(adapter)
+  with pytest.raises(ValueError, match='num_transformer_submodules=2') as e:
+    read_prompt(adapter)
+  assert '\n' not in str(e.value) and 'num_transformer_submodules=1' in str(e.value)
+  pf = read_peft_prompt(adapter, encoder_only=True)
   np.testing.assert_array_equal(pf.value, rows[:LENGTH])
   assert 'dropped' in pf.metadata['decoder_prompt_dropped']
   assert pf.metadata['num_transformer_submodules'] == 2

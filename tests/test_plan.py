@@ -57,7 +57,7 @@ def test_plan_reports_the_memory_of_the_compiled_train_step(tmp_path, capsys):
   the train step compiled on real weights, and the table names it; fit judged on a budget."""
   out = tmp_path / 'plan.json'
   args = ['plan', '--model', 'models/t5_1_1/tiny.gin', '--target', 'cpu:1', '--steps', 'train',
-          '--device_memory', '1MB', '--out', str(out)]
+          '--device_memory', '1MB', '--out', str(out), '--dtype', 'bfloat16']
   for key, value in SHAPES.items():
     args += [f'--{key}', str(value)]
   assert cli.main(args) == 0
@@ -110,6 +110,9 @@ def test_out_of_hbm_is_a_row_not_a_failure():
              'temporaries (25.44G) exceeds available HBM (15.48G).')
 
   class Lowered:
+    def as_text(self):
+      return 'module @train {}'
+
     def compile(self):
       raise RuntimeError(message)
 
@@ -157,3 +160,116 @@ def test_plan_for_a_tpu_topology():
   assert train[(4, 2)].alias > 0  # the donated state is reused
   # model-parallel halves the backbone's big matrices: fewer argument bytes per device
   assert train[(4, 2)].arguments < train[(8, 1)].arguments
+
+
+# ---- plan compiles the program tune runs ------------------------------------------------------
+
+class _FirstStep(Exception):
+  """Stops a run once its first step's program is captured."""
+
+
+def tune_first_step(root, method: str = 'prompt_tuning', **options) -> dict:
+  """Runs `jaxprompt.tune` up to its first train step and returns that step's program: the
+  fingerprint and `memory_analysis()` of the engine's train step lowered for the state, the
+  first batch and the step's dropout key the loop hands it. The backbone is a tiny T5 in memory
+  (random weights) on a file task; `options` are tune's."""
+  import data_helpers
+  from jaxprompt import cli, tuning
+  from jaxprompt.model import Transformer, get_config, init_params
+  rows = [{'text': ' '.join(np.random.RandomState(i).choice(data_helpers.WORDS, 4)),
+           'label': i % 2} for i in range(16)]
+  os.makedirs(root, exist_ok=True)
+  train = data_helpers.write_jsonl(os.path.join(root, 'train.jsonl'), rows)
+  cli.setup_tasks(data_helpers.spm_model_path(), train, None, 'plan_task', 'text', 'target',
+                  'label', ['bad', 'good'])
+  cfg = get_config('t5_1_1_tiny', vocab_size=data_helpers.vocabulary().vocab_size)
+  captured = {}
+
+  def first_step(train_step, state, frozen, batches, rng, *args, put_batch, **kwargs):
+    eng = train_step.__self__
+    assert frozen is eng.frozen
+    lowered = eng.lower_train(state, put_batch(next(batches(0))), jax.random.fold_in(rng, 0))
+    stats = lowered.compile().memory_analysis()
+    captured.update(fingerprint=plan_lib.fingerprint(lowered),
+                    arguments=stats.argument_size_in_bytes, outputs=stats.output_size_in_bytes,
+                    temporaries=stats.temp_size_in_bytes, alias=stats.alias_size_in_bytes,
+                    mesh=[int(eng.mesh.shape['data']), int(eng.mesh.shape['model'])])
+    raise _FirstStep
+
+  real = tuning.loop.train_loop
+  tuning.loop.train_loop = first_step
+  try:
+    tuning.tune('plan_task', backbone=(Transformer(cfg), init_params(cfg, 0)),
+                model_dir=os.path.join(root, 'run'), method=method, eval_split=None,
+                progress=False, **options)
+  except _FirstStep:
+    pass
+  finally:
+    tuning.loop.train_loop = real
+  assert captured, 'the run reached no train step'
+  return dict(captured, config=cfg)
+
+
+def plan_matches_tune(root, method: str = 'prompt_tuning', meshes=None, **options) -> dict:
+  """`plan` for the same run (task, tune's options), its train row next to tune's first step."""
+  real = tune_first_step(root, method, **options)
+  cfg = real.pop('config')
+  target, (row,) = plan_lib.plan(cfg, target=f'cpu:{jax.device_count()}', steps=['train'],
+                                 task='plan_task', method=method, meshes=meshes, **options)
+  assert target.settings['method'] == method
+  return {'real': real, 'plan': dict(row.to_dict(), mesh=list(row.mesh))}
+
+
+def _same_program(result: dict) -> None:
+  real, row = result['real'], result['plan']
+  for key in ('fingerprint', 'mesh', 'arguments', 'outputs', 'temporaries', 'alias'):
+    assert row[key] == real[key], (key, row, real)
+
+
+RUN = dict(batch_size=4, prompt_length=3, feature_lengths={'inputs': 6, 'targets': 3})
+
+
+def test_plan_compiles_the_program_tune_runs(tmp_path):
+  """P-tuning with remat, scanned bf16 weights and 2 microbatches: plan's train program (its
+  StableHLO and memory) is the one the run driver compiles at its first step."""
+  options = dict(RUN, remat_policy='full', scan_layers=True, param_dtype='bfloat16',
+                 accumulate_steps=2, z_loss=1e-3, dropout_rate=0.2)
+  _same_program(plan_matches_tune(str(tmp_path), 'p_tuning', **options))
+
+
+# (method, options, meshes) on 4 CPU devices: dtypes, remat policies, scan, param dtypes,
+# microbatches, (data, model) meshes, a submesh, loss settings, prompt position and dropout.
+CASES = [
+    ('prompt_tuning', dict(), [(4, 1)]),
+    ('prompt_tuning', dict(remat_policy='minimal', num_partitions=2,
+                           parameter_partitioning_dims=2, label_smoothing=0.1,
+                           prompt_position='suffix'), None),
+    ('prefix_tuning', dict(model_parallel_submesh=(1, 1, 1, 2), scan_layers=True,
+                           param_dtype='bfloat16', prefix_layout='every_layer'), None),
+    ('p_tuning', dict(num_partitions=4, remat_policy='full', accumulate_steps=2,
+                      encoder_type='lstm'), None),
+    ('model_tuning', dict(scan_layers=True, remat_policy='full'), [(2, 2)]),
+]
+FOUR = textwrap.dedent('''
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    import test_plan
+    results = [test_plan.plan_matches_tune({root!r} + '/' + str(i), method, meshes, **dict(test_plan.RUN, **options))
+               for i, (method, options, meshes) in enumerate(test_plan.CASES)]
+    print(json.dumps(results))
+''')
+
+
+@pytest.mark.slow
+def test_plan_compiles_the_program_tune_runs_on_four_devices(tmp_path):
+  """Each option set of `CASES` on a 4-device mesh: plan's program is tune's."""
+  from conftest import devices_env
+  out = subprocess.run([sys.executable, '-c', FOUR.format(tests=os.path.dirname(__file__),
+                                                          root=str(tmp_path))],
+                       env=devices_env(4, JAX_PLATFORMS='cpu'), capture_output=True, text=True,
+                       timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  results = json.loads(out.stdout.strip().splitlines()[-1])
+  assert [r['plan']['mesh'] for r in results] == [[4, 1], [2, 2], [2, 2], [1, 4], [2, 2]]
+  for result in results:
+    _same_program(result)

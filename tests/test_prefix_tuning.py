@@ -260,5 +260,5 @@ def test_product_reads_back_and_refuses_another_backbone(tmp_path):
   b = method.model_inputs(trainable, {'backbone': params}, {})[1]
   np.testing.assert_array_equal(a.prefixes['decoder'], b.prefixes['decoder'])
   Backbone.module = Transformer(CONFIG.replace(num_heads=2))
-  with pytest.raises(ValueError, match='do not fit this backbone'):
+  with pytest.raises(ValueError, match='use it with the backbone it was trained for'):
     method.load_product(path, Context(Backbone, '', (), None, None, None, None))

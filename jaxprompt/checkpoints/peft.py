@@ -20,7 +20,11 @@ torch or peft.
 
 A `prefix_tuning` product exports as a PREFIX_TUNING adapter instead (`export_prefix_peft`):
 the same two files, `prompt_embeddings` being the [P, 2n * heads * head_dim] prefix rows PEFT's
-T5 reads (see jaxprompt/methods/prefix_tuning.py), every size explicit in the config.
+T5 reads (see jaxprompt/methods/prefix_tuning.py), every size explicit in the config. A
+`p_tuning` product exports as a P_TUNING adapter (its prompt is the encoder's output, which
+PEFT loads in inference mode as it saves it). PEFT's P_TUNING, PREFIX_TUNING and
+MULTITASK_PROMPT_TUNING adapters read back too (`read_peft_prompt`); `peft_encoder_params` reads
+the encoder weights of a PEFT run saved beside its adapter, to continue it (`--init_from DIR`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import numpy as np
 # an adapter directory uses are shared from there.
 from jaxprompt.prompts.files import PEFT_CONFIG_NAME as CONFIG_NAME
 from jaxprompt.prompts.files import PEFT_DERIVED as _DERIVED
+from jaxprompt.prompts.files import PEFT_ENCODER_NAME
 from jaxprompt.prompts.files import PEFT_METADATA_KEY as _METADATA_KEY
 from jaxprompt.prompts.files import PEFT_TASK_TYPE as TASK_TYPE
 from jaxprompt.prompts.files import PEFT_TENSOR_NAME as TENSOR_NAME
@@ -99,6 +104,18 @@ def peft_config_dict(length: int, width: int, base_model_name_or_path: str | Non
   return config
 
 
+def p_tuning_config(config: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+  """A P_TUNING `adapter_config.json` (PEFT's PromptEncoderConfig fields) from a prompt-tuning
+  one: `prompt_embeddings` is the encoder's output, which PEFT uses as is in inference mode."""
+  config = {k: v for k, v in config.items() if not k.startswith('prompt_tuning_')
+            and k != 'tokenizer_kwargs' and k != 'tokenizer_name_or_path'}
+  config.update(peft_type='P_TUNING', encoder_dropout=0.0,
+                encoder_reparameterization_type=str(meta.get('encoder_type') or 'mlp').upper(),
+                encoder_hidden_size=int(meta.get('encoder_hidden_size') or config['token_dim']),
+                encoder_num_layers=int(meta.get('encoder_num_layers') or 2))
+  return config
+
+
 def _model_card(base: str | None, length: int, width: int) -> str:
   front = f'base_model: {base}\n' if base else ''
   return (f'---\n{front}library_name: peft\ntags:\n- prompt-tuning\n- jaxprompt\n---\n\n'
@@ -148,6 +165,8 @@ def export_peft(prompt: str | PromptFile, out_dir: str, *,
                      f'(d_model {emb_dim}); pass the backbone it was trained for as '
                      'base_model_name_or_path')
   config = peft_config_dict(length, width, base, num_layers, num_heads)
+  if pf.metadata.get('method') == 'p_tuning':
+    config = p_tuning_config(config, pf.metadata)
   meta = {k: v for k, v in pf.metadata.items() if k not in _DERIVED}
   if pf.token_mask is not None or pf.piece_mask is not None:
     meta['masks_applied'] = True
@@ -210,7 +229,8 @@ def prefix_config_dict(length: int, meta: dict[str, Any],
       'init_weights': None,
       'modules_to_save': None,
       'num_attention_heads': int(meta['num_heads']),
-      'num_layers': max(int(meta['encoder_layers']), int(meta['decoder_layers'])),
+      'num_layers': int(meta.get('num_layers') or max(int(meta['encoder_layers']),
+                                                        int(meta['decoder_layers']))),
       'num_transformer_submodules': 2,
       'num_virtual_tokens': int(length),
       'peft_type': 'PREFIX_TUNING',
@@ -234,8 +254,8 @@ def export_prefix_peft(pf: PromptFile, out_dir: str, *, base_model_name_or_path:
     raise ValueError(f'{where}: a prefix of layout {meta.get("prefix_layout")!r}; PEFT\'s T5 '
                      'prefix tuning only reads layout peft (decoder self-attention): train with '
                      '--prefix_layout peft to export')
-  missing = [k for k in ('num_heads', 'head_dim', 'encoder_layers', 'decoder_layers')
-             if k not in meta]
+  layers = ('num_layers',) if 'num_layers' in meta else ('encoder_layers', 'decoder_layers')
+  missing = [k for k in ('num_heads', 'head_dim') + layers if k not in meta]
   if missing:
     raise ValueError(f'{where}: prefix metadata lacks {", ".join(missing)}; not a jaxprompt '
                      'prefix_tuning product')
@@ -264,3 +284,98 @@ def _prefix_card(base: str | None, length: int) -> str:
           f'# Prefix ({length} virtual tokens)\n\nExported by jaxprompt. Load with\n'
           '`peft.PeftModel.from_pretrained(base_model, this_directory)`; the keys and values go '
           'in front of the decoder self-attention, as PEFT\'s prefix tuning does on T5.\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# Continuing a PEFT P-tuning / prefix-tuning run: its encoder weights.
+#
+# A PEFT adapter holds what the encoder produced (`prompt_embeddings`), not the encoder. To
+# continue a run with the encoder, save its torch state dict beside the adapter:
+#   model.save_pretrained(DIR)
+#   safetensors.torch.save_file(model.prompt_encoder['default'].state_dict(),
+#                               f'{DIR}/prompt_encoder.safetensors')
+# and start a jaxprompt run of the same method with `--init_from DIR`.
+
+ENCODER_NAME = PEFT_ENCODER_NAME
+
+
+def _encoder_tensors(adapter_dir: str) -> dict[str, np.ndarray]:
+  from jaxprompt.prompts.files import _read_tensors  # pylint: disable=g-import-not-at-top
+  file = os.path.join(adapter_dir, ENCODER_NAME)
+  if not os.path.isfile(file):
+    raise FileNotFoundError(
+        f'{file}: missing; a PEFT adapter holds the prompt its encoder produced, not the encoder: '
+        f"save safetensors.torch.save_file(model.prompt_encoder['default'].state_dict(), "
+        f"'{file}') to continue the run (see docs/methods.md)")
+  tensors, _ = _read_tensors(file)
+  prefix = 'prompt_encoder.default.'  # a state dict of the whole PeftModel works too
+  return {k.split(prefix, 1)[-1]: v for k, v in tensors.items()
+          if prefix in k or not k.startswith('base_model')}
+
+
+def _linear(tensors: dict[str, np.ndarray], name: str, file: str) -> dict[str, np.ndarray]:
+  try:
+    return {'kernel': tensors[f'{name}.weight'].T, 'bias': tensors[f'{name}.bias']}
+  except KeyError as e:
+    raise ValueError(f'{file}: no tensor {e.args[0]}; not the state dict of PEFT\'s prompt '
+                     'encoder') from None
+
+
+def peft_encoder_params(adapter_dir: str) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(adapter config, the encoder's parameters in jaxprompt's layout) of a PEFT P-tuning or
+  prefix-tuning adapter directory that carries `prompt_encoder.safetensors`.
+
+  P_TUNING: `jaxprompt.methods.p_tuning.PromptEncoder` params (torch Linear weights transposed,
+  LSTM `weight_ih_l{k}[_reverse]` -> `lstm_{k}_{forward|backward}`); PREFIX_TUNING:
+  `jaxprompt.methods.prefix_tuning.PrefixEncoder` params (`transform.0` / `.2` ->
+  `transform_0` / `_2`).
+  """
+  from jaxprompt.prompts.files import read_peft_config  # pylint: disable=g-import-not-at-top
+  config = read_peft_config(adapter_dir)
+  where = os.path.join(adapter_dir, CONFIG_NAME)
+  if config['peft_type'] not in ('P_TUNING', 'PREFIX_TUNING'):
+    raise ValueError(f'{where}: a {config["peft_type"]} adapter has no encoder weights to continue '
+                     'from; a P_TUNING or PREFIX_TUNING adapter has')
+  if config['peft_type'] == 'P_TUNING' and config['num_transformer_submodules'] != 1:
+    raise ValueError(f'{where}: num_transformer_submodules={config["num_transformer_submodules"]}'
+                     ': the encoder reads 2P virtual tokens, half of them the decoder\'s, which '
+                     'jaxprompt (encoder prompts only) has no place for; train the adapter with '
+                     'num_transformer_submodules=1')
+  tensors = _encoder_tensors(adapter_dir)
+  file = os.path.join(adapter_dir, ENCODER_NAME)
+  if 'embedding.weight' not in tensors:
+    raise ValueError(f'{file}: no tensor embedding.weight (found {sorted(tensors)[:6]}); not the '
+                     'state dict of PEFT\'s prompt encoder')
+  params: dict[str, Any] = {'embedding': tensors['embedding.weight']}
+  if config['peft_type'] == 'PREFIX_TUNING':
+    if 'transform.0.weight' in tensors:
+      params.update(transform_0=_linear(tensors, 'transform.0', file),
+                    transform_2=_linear(tensors, 'transform.2', file))
+    return config, params
+  linears = sorted(int(k.split('.')[1]) for k in tensors
+                   if k.startswith('mlp_head.') and k.endswith('.weight'))
+  for i, index in enumerate(linears):
+    params[f'mlp_{i}'] = _linear(tensors, f'mlp_head.{index}', file)
+  layer = 0
+  while f'lstm_head.weight_ih_l{layer}' in tensors:
+    for direction, suffix in (('forward', ''), ('backward', '_reverse')):
+      get = lambda name: tensors[f'lstm_head.{name}_l{layer}{suffix}']  # noqa: E731
+      params[f'lstm_{layer}_{direction}'] = {'w_ih': get('weight_ih').T,
+                                             'w_hh': get('weight_hh').T,
+                                             'b_ih': get('bias_ih'), 'b_hh': get('bias_hh')}
+    layer += 1
+  return config, params
+
+
+def check_encoder_shapes(params, expected, adapter_dir: str) -> None:
+  """A one-line error when the encoder weights' shapes are not those of this run's encoder."""
+  import jax  # pylint: disable=g-import-not-at-top
+  shapes = lambda tree: {jax.tree_util.keystr(k): tuple(np.shape(v))  # noqa: E731
+                         for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = shapes(params), shapes(expected)
+  if got != want:
+    diff = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))[:3]
+    raise ValueError(f'{os.path.join(adapter_dir, ENCODER_NAME)}: encoder weights do not fit this '
+                     'run\'s encoder (' + ', '.join(f'{k}: {got.get(k)} vs {want.get(k)}'
+                                                    for k in diff) + '); pass the options the '
+                     'PEFT run used')

@@ -34,10 +34,7 @@ def run_demo(steps: int | None = None, model_dir: str | None = None, progress: b
   result = tune(task, backbone=ckpt, model_dir=model_dir, prompt_length=PROMPT_LENGTH,
                 prompt_init='class_labels', train_steps=steps or DEMO_STEPS, batch_size=32,
                 feature_lengths=SEQUENCE_LENGTH, eval_period=50, progress=progress)
-  before = result.initial_metrics['accuracy']
-  after = result.best_metrics['accuracy']
-  print(f'\n{task}: validation accuracy {before:.1f}% with the initialised (untrained) prompt '
-        f'-> {after:.1f}% after tuning (best, step {result.best_step})')
+  print(f'\n{summary_line(task, result)}')
   print(f'run directory: {result.model_dir}')
   print(f'prompt file:   {result.best_prompt_path}')
   print(f'metrics log:   {os.path.join(result.model_dir, "metrics.jsonl")}')
@@ -45,3 +42,13 @@ def run_demo(steps: int | None = None, model_dir: str | None = None, progress: b
   print(f'\nNext: jaxprompt eval --task {task} --backbone lab --prompt {result.best_prompt_path}')
   print(REAL_RUN)
   return result
+
+
+def summary_line(task: str, result) -> str:
+  """Before, best and final accuracy: the best (the prompt file) is not where the run ended."""
+  before = result.initial_metrics['accuracy']
+  best = result.best_metrics['accuracy']
+  final = result.final_metrics['accuracy']
+  return (f'{task}: validation accuracy {before:.1f}% with the initialised (untrained) prompt '
+          f'-> {best:.1f}% best (step {result.best_step}, the prompt file), {final:.1f}% final '
+          f"(step {result.final_metrics.get('step', result.step)})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 
@@ -312,6 +313,7 @@ def main(out: str | None = None, steps: int | None = None, tasks=DEFAULT_TASKS,
   out = out or 'lab_report.json'
   if os.path.exists(out) and not overwrite:
     raise FileExistsError(f'{out} exists; pass --overwrite or choose another --out')
+  print(f'lab report: writes {os.path.abspath(out)} at the end', file=sys.stderr, flush=True)
   steps = steps or DEFAULT_STEPS
   ckpt = backbone.build(preset=preset)
   register_lab_tasks()

@@ -642,9 +642,9 @@ def _split(text: str) -> list[str]:
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=prog, description="SPoT's evidence on the lab: library, "
-                              'generic prompt, retrieval, transfer and model tuning, against the '
-                              'lab relatedness')
+  from jaxprompt.flags import Parser  # one-line errors naming a typo'd flag's close matches
+  p = Parser(prog=prog, description="SPoT's evidence on the lab: library, generic prompt, "
+             'retrieval, transfer and model tuning, against the lab relatedness')
   p.add_argument('--out', default='spot_lab',
                  help='write OUT.json, OUT.csv, OUT.md, OUT.png, OUT_retrieval_<kind>.*')
   p.add_argument('--overwrite', action='store_true', help='replace existing OUT files')

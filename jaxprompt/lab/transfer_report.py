@@ -53,7 +53,8 @@ def _short(n):
 
 def parser(prog: str | None = None) -> argparse.ArgumentParser:
   """`jaxprompt transfer lab`'s options."""
-  p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+  from jaxprompt.flags import Parser  # one-line errors naming a typo'd flag's close matches
+  p = Parser(prog=prog, description=__doc__.splitlines()[0])
   p.add_argument('--work', default='/tmp/transfer_lab')
   p.add_argument('--out', default=None, help='JSON results file (PNGs next to it)')
   p.add_argument('--backbone', default='lab:methods', help="backbone A ('lab', 'lab:methods')")

@@ -268,7 +268,8 @@ def markdown(report: dict) -> str:
 # The command line: `jaxprompt lab report xprompt` (and benchmarks/xprompt_lab.py).
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(prog=prog, description=__doc__.split('\n')[0])
+  from jaxprompt.flags import Parser  # one-line errors naming a typo'd flag's close matches
+  p = Parser(prog=prog, description=__doc__.split('\n')[0])
   p.add_argument('--targets', default=','.join(DEFAULT_TARGETS), help='lab target tasks')
   p.add_argument('--fractions', default=','.join(map(str, DEFAULT_FRACTIONS)),
                  help='pruned fractions, each in (0, 1)')

@@ -176,7 +176,8 @@ def format_table(rows: Sequence[Row], task: str, steps: int) -> str:
   lines = [f'{task}, {steps} steps: best validation score (mean +- sd over seeds)', head,
            '-' * len(head)]
   for r in rows:
-    score = f'{r.mean:.2f} +- {r.spread:.2f} (n={len(r.scores)})'
+    score = (f'{r.mean:.2f} +- {r.spread:.2f} (n={len(r.scores)})' if len(r.scores) > 1
+             else f'{r.mean:.2f} (n=1)')  # one seed has no spread
     step = '-' if r.step_ms is None else f'{r.step_ms:.1f}'
     line = (f'{r.method:<18} {score:>24} {r.trainable_params:>11,} {step:>9} '
             f'{r.peak_rss_mib:>13,.0f}')

@@ -17,7 +17,9 @@ Equal to PEFT's `MultitaskPromptTuningConfig` / `MultitaskPromptEmbedding` (peft
 semantics match: the prompt of task k is `embedding * (prefix_task_cols[k] @
 prefix_task_rows[k])`, factors start N(0, 0.02) (so a fresh P_k starts near zero, as PEFT's),
 and the product holds PEFT's tensors `prompt_embeddings`, `prefix_task_cols`,
-`prefix_task_rows`, so it is a `prompt_tuning_init_state_dict_path` PEFT reads (tested). Where
+`prefix_task_rows`, so it is a `prompt_tuning_init_state_dict_path` PEFT reads (tested); the
+other way, `--mpt_source` (and `jaxprompt eval --prompt`) take a PEFT MULTITASK_PROMPT_TUNING
+adapter directory, its tasks named by PEFT's task ids ('0', '1', ...: `--mpt_init_task 1`). Where
 it differs:
   * the paper's source stage distils per-task teacher prompts into the student (a KL and a
     hidden-state loss); that distillation is not implemented (nor is it in PEFT): source
@@ -81,6 +83,14 @@ def read_tensors(path: str, names, made_by: str) -> tuple[dict[str, np.ndarray],
   lacks one of `names` (it is not a `made_by` product)."""
   from safetensors import safe_open
   from safetensors.numpy import load_file
+  from jaxprompt.prompts.files import is_peft_dir, read_peft_prompt, read_peft_tensors
+  if is_peft_dir(path):  # PEFT's MPT adapter: the same tensor names, task ids as names
+    meta = read_peft_prompt(path).metadata  # checks its type, shapes and submodules
+    if meta.get('method') != made_by:
+      raise ValueError(f'{path}: a PEFT {meta.get("peft_type")} adapter; pass a '
+                       f'MULTITASK_PROMPT_TUNING adapter or the prompt_best.safetensors of a '
+                       f'{made_by} run')
+    return read_peft_tensors(path)[0], meta
   if not os.path.isfile(path):
     raise FileNotFoundError(f'{path}: no such file')
   try:

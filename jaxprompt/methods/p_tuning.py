@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Any
 
 import jax
@@ -182,6 +183,43 @@ def encode(params) -> jax.Array:
   return encoder_for(params).apply({'params': params})
 
 
+def continue_peft(adapter_dir: str, fresh, ctx: Context):
+  """The encoder weights of a PEFT P-tuning run (`--init_from ADAPTER_DIR` holding
+  `prompt_encoder.safetensors`, see `jaxprompt.checkpoints.peft`) as this run's trainable, its
+  options checked against the adapter's config (`fresh`: this run's freshly initialised one)."""
+  from jaxprompt.checkpoints import peft as peft_lib  # pylint: disable=g-import-not-at-top
+  if not os.path.isdir(adapter_dir):
+    raise ConfigError(f'--init_from {adapter_dir}: a p_tuning run starts from the encoder '
+                      'weights of a PEFT P-tuning adapter directory (see docs/methods.md); a '
+                      'prompt has no encoder to continue')
+  config, params = peft_lib.peft_encoder_params(adapter_dir)
+  if config['peft_type'] != 'P_TUNING':
+    raise ConfigError(f'--init_from {adapter_dir}: a {config["peft_type"]} adapter; p_tuning '
+                      'continues a P_TUNING one')
+  o = ctx.options
+  kind = str(config.get('encoder_reparameterization_type') or 'MLP').lower()
+  if kind != o.encoder_type:
+    raise ConfigError(f'--init_from {adapter_dir}: a PEFT {kind.upper()} encoder; pass '
+                      f'--encoder_type {kind}')
+  length, width = params['embedding'].shape
+  hidden = params['mlp_0']['kernel'].shape[1] if 'mlp_0' in params else None
+  if kind == 'lstm':
+    hidden = params['lstm_0_forward']['w_hh'].shape[0] if 'lstm_0_forward' in params else None
+  layers = sum(1 for k in params if k.endswith('_forward'))
+  for value, want, flag in ((length, ctx.config.prompt_length, '--prompt_length'),
+                            (hidden, o.encoder_hidden_size or ctx.width, '--encoder_hidden_size'),
+                            (layers, o.encoder_num_layers if kind == 'lstm' else 0,
+                             '--encoder_num_layers')):
+    if value is not None and value != want:
+      raise ConfigError(f'--init_from {adapter_dir}: its encoder has {flag[2:]} {value}, this '
+                        f'run {want}; pass {flag} {value}')
+  if width != ctx.width:
+    raise ConfigError(f'--init_from {adapter_dir}: an encoder of width {width}, but the model '
+                      f'width is {ctx.width}; continue it on the backbone it was trained on')
+  peft_lib.check_encoder_shapes(params, fresh, adapter_dir)
+  return jax.tree_util.tree_map(jnp.asarray, params)
+
+
 # ---------------------------------------------------------------------------------------------
 # The method.
 
@@ -213,14 +251,22 @@ class PTuning(ReparameterizedPrompt):
     module = PromptEncoder(ctx.config.prompt_length, ctx.width,
                            o.encoder_hidden_size or ctx.width, o.encoder_type,
                            o.encoder_num_layers)
-    return unfreeze(module.init(rng)['params']), {}
+    params = unfreeze(module.init(rng)['params'])
+    if ctx.config.init_from:  # continue a PEFT P-tuning run with its encoder weights
+      return continue_peft(ctx.config.init_from, params, ctx), {}
+    return params, {}
 
   prompt_of = staticmethod(encode)
+
+  def product_metadata(self, ctx: Context) -> dict[str, Any]:
+    o = ctx.options
+    return dict(encoder_type=o.encoder_type, encoder_hidden_size=o.encoder_hidden_size or ctx.width,
+                encoder_num_layers=o.encoder_num_layers)
 
   def contract_options(self) -> dict[str, Any]:
     return {'encoder_type': 'lstm', 'encoder_hidden_size': 6, 'encoder_num_layers': 1}
 
 
 __all__ = ['ENCODER_TYPES', 'LSTMDirection', 'PTuning', 'PTuningOptions', 'PromptEncoder',
-           'ReparameterizedPrompt', 'TorchDense', 'adamw', 'encode', 'encoder_for',
+           'ReparameterizedPrompt', 'TorchDense', 'adamw', 'continue_peft', 'encode', 'encoder_for',
            'is_plain_prompt', 'torch_uniform']

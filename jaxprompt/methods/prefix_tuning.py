@@ -143,6 +143,54 @@ def flat_prefix(params) -> jax.Array:
   return module.apply({'params': params})
 
 
+def check_peft_layout(meta: dict[str, Any], dims: Dims, where: str) -> None:
+  """A one-line error when a PEFT prefix's layers or heads (its adapter config's num_layers,
+  num_attention_heads, token_dim) are not the backbone's."""
+  layers = max(dims.encoder_layers, dims.decoder_layers)
+  for key, want, what in (('num_layers', layers, 'layers (max of encoder and decoder)'),
+                          ('num_heads', dims.num_heads, 'attention heads'),
+                          ('head_dim', dims.head_dim, 'head_dim')):
+    if meta.get(key) is not None and int(meta[key]) != want:
+      raise ValueError(f'{where}: a prefix for {meta[key]} {what}, but this backbone has {want}; '
+                       'use it with the backbone it was trained for')
+
+
+def continue_peft(adapter_dir: str, fresh, ctx: Context):
+  """The prefix-encoder weights of a PEFT prefix-tuning run (`--init_from ADAPTER_DIR` holding
+  `prompt_encoder.safetensors`, see `jaxprompt.checkpoints.peft`), checked against this run."""
+  import os  # pylint: disable=g-import-not-at-top
+  from jaxprompt.checkpoints import peft as peft_lib  # pylint: disable=g-import-not-at-top
+  o = ctx.options
+  if not os.path.isdir(adapter_dir):
+    raise ConfigError(f'--init_from {adapter_dir}: a prefix_tuning run starts from the encoder '
+                      'weights of a PEFT prefix-tuning adapter directory (see docs/methods.md)')
+  if o.prefix_layout != 'peft':
+    raise ConfigError(f'--init_from {adapter_dir}: a PEFT prefix has layout peft; pass '
+                      '--prefix_layout peft')
+  config, params = peft_lib.peft_encoder_params(adapter_dir)
+  if config['peft_type'] != 'PREFIX_TUNING':
+    raise ConfigError(f'--init_from {adapter_dir}: a {config["peft_type"]} adapter; '
+                      'prefix_tuning continues a PREFIX_TUNING one')
+  heads, token_dim = int(config['num_attention_heads']), int(config['token_dim'])
+  check_peft_layout({'num_layers': config['num_layers'], 'num_heads': heads,
+                     'head_dim': token_dim // heads}, dims_of_config(ctx.backbone.module.config),
+                    f'--init_from {adapter_dir}')
+  projection = 'transform_0' in params
+  if projection != o.prefix_projection:
+    raise ConfigError(f'--init_from {adapter_dir}: PEFT\'s prefix_projection is {projection}; '
+                      f'pass --prefix_projection {projection}')
+  if params['embedding'].shape[0] != ctx.config.prompt_length:
+    raise ConfigError(f'--init_from {adapter_dir}: {params["embedding"].shape[0]} virtual tokens; '
+                      f'pass --prompt_length {params["embedding"].shape[0]}')
+  if projection and params['transform_0']['kernel'].shape[1] != (o.encoder_hidden_size or
+                                                                   token_dim):
+    raise ConfigError(f'--init_from {adapter_dir}: PEFT\'s encoder_hidden_size is '
+                      f'{params["transform_0"]["kernel"].shape[1]}; pass --encoder_hidden_size '
+                      f'{params["transform_0"]["kernel"].shape[1]}')
+  peft_lib.check_encoder_shapes(params, fresh, adapter_dir)
+  return jax.tree_util.tree_map(jnp.asarray, params)
+
+
 @dataclasses.dataclass(frozen=True)
 class PrefixTuningOptions:
   prefix_projection: bool = False  # PEFT's reparameterisation MLP (embedding -> tanh MLP)
@@ -177,7 +225,10 @@ class PrefixTuning(Method):
     o, dims = ctx.options, dims_of_config(ctx.backbone.module.config)
     module = PrefixEncoder(ctx.config.prompt_length, dims.rows(o.prefix_layout), dims.token_dim,
                            o.prefix_projection, o.encoder_hidden_size)
-    return {o.prefix_layout: unfreeze(module.init(rng)['params'])}, {}
+    params = unfreeze(module.init(rng)['params'])
+    if ctx.config.init_from:  # continue a PEFT prefix-tuning run with its encoder weights
+      params = continue_peft(ctx.config.init_from, params, ctx)
+    return {o.prefix_layout: params}, {}
 
   @staticmethod
   def model_inputs(trainable, frozen, batch):
@@ -215,6 +266,8 @@ class PrefixTuning(Method):
       raise ValueError(f'{path}: not a prefix_tuning product (its metadata names method '
                        f'{pf.metadata.get("method")!r}, prefix_layout {layout!r})')
     dims = dims_of_config(ctx.backbone.module.config)
+    if layout == 'peft':
+      check_peft_layout(pf.metadata, dims, path)
     expected = dims.rows(layout) * dims.token_dim
     if pf.value.ndim != 2 or pf.value.shape[1] != expected:
       raise ValueError(f'{path}: prefix rows of shape {tuple(pf.value.shape)} do not fit this '
@@ -228,4 +281,5 @@ class PrefixTuning(Method):
 
 
 __all__ = ['Dims', 'LAYOUTS', 'PrefixEncoder', 'PrefixTuning', 'PrefixTuningOptions',
-           'dims_of_config', 'dims_of_params', 'flat_prefix', 'prefixes_of']
+           'check_peft_layout', 'continue_peft', 'dims_of_config', 'dims_of_params',
+           'flat_prefix', 'prefixes_of']

@@ -193,7 +193,8 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
   logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)  # [B, H, q, kv]
   if bias is not None:
     logits = logits + bias.astype(logits.dtype)
-  weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(dtype)
+  # Softmax in the logits' dtype, as T5X: float32 with `float32_logits`, else the activations'.
+  weights = jax.nn.softmax(logits).astype(dtype)
   if not deterministic and dropout_rate > 0.:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
                                 weights.shape[:-2] + (1,) + weights.shape[-1:])

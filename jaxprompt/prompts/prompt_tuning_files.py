@@ -9,9 +9,10 @@ Such a run (model directory MODEL_DIR) leaves its prompt in two places:
 * `MODEL_DIR/checkpoint_N/`: the T5X checkpoint (legacy msgpack + zarr, or Orbax), the prompt at
   `encoder/prompt/prompt/prompt` of the params beside the frozen weights.
 
-`read_prompt` reads either folder (and the numpy file itself, and a `numpy_checkpoints` folder:
-its latest step) into a `PromptFile` whose metadata says where the prompt came from (format,
-source, step). Nothing here unpickles.
+`prompts.files.read_prompt` reads either folder (and the numpy file itself, and a
+`numpy_checkpoints` folder: its latest step) through this module's readers, which give the
+[P, d] value and the metadata saying where it came from (format, source, step). Nothing here
+unpickles.
 """
 
 from __future__ import annotations
@@ -57,9 +58,8 @@ def numpy_prompt_file(directory: str) -> str | None:
   return os.path.join(directory, names[0]) if names else None
 
 
-def read_numpy_prompt(file: str):
-  """A numpy checkpoint's prompt file -> `PromptFile` (format, source, step in its metadata)."""
-  from jaxprompt.prompts.files import PromptFile, check_shape  # pylint: disable=g-import-not-at-top
+def read_numpy_prompt(file: str) -> tuple[np.ndarray, dict]:
+  """A numpy checkpoint's prompt file -> (value, metadata: format, source, step)."""
   try:
     value = np.load(file, allow_pickle=False)
   except (ValueError, OSError) as e:
@@ -70,15 +70,14 @@ def read_numpy_prompt(file: str):
   step = _step(os.path.dirname(os.path.abspath(file)))
   if step is not None:
     meta['step'] = step
-  return PromptFile(check_shape(file, np.asarray(value, np.float32)), meta)
+  return np.asarray(value, np.float32), meta
 
 
-def read_t5x_prompt(path: str):
-  """The prompt params of a T5X checkpoint (a prompt-tuning run's) -> `PromptFile`, or None when
+def read_t5x_prompt(path: str) -> tuple[np.ndarray, dict] | None:
+  """The prompt params of a T5X checkpoint (a prompt-tuning run's) -> (value, metadata), or None when
   `path` is not a T5X checkpoint; a one-line error when it is one without a prompt."""
   from jaxprompt import checkpoints as ckpt  # pylint: disable=g-import-not-at-top
   from jaxprompt.checkpoints.leaves import read_whole  # pylint: disable=g-import-not-at-top
-  from jaxprompt.prompts.files import PromptFile, check_shape  # pylint: disable=g-import-not-at-top
   try:
     fmt, where = ckpt.detect(path)
   except ckpt.CheckpointError:
@@ -97,11 +96,11 @@ def read_t5x_prompt(path: str):
   step = ckpt.step_of(where)
   if step is not None:
     meta['step'] = step
-  return PromptFile(check_shape(where, value), meta)
+  return value, meta
 
 
-def read_dir_prompt(path: str):
-  """A prompt-tuning numpy checkpoint folder or T5X checkpoint -> `PromptFile`, or None when
+def read_dir_prompt(path: str) -> tuple[np.ndarray, dict] | None:
+  """A prompt-tuning numpy checkpoint folder or T5X checkpoint -> (value, metadata), or None when
   `path` is neither; a one-line error for a numpy checkpoint folder without a prompt."""
   file = numpy_prompt_file(path)
   if file:

@@ -33,7 +33,7 @@ LOCK = 'run.lock'
 class RunLock:
   """One run holds a run directory: an exclusive `flock` on MODEL_DIR/run.lock, which names the
   holder (host, pid, start). The kernel drops the lock when the holder dies, so a lock left by a
-  killed run is stale by construction and is taken over."""
+  killed run is stale by construction and is taken over; a run that ends removes the file."""
 
   def __init__(self, model_dir: str):
     self.path = os.path.join(model_dir, LOCK)
@@ -43,18 +43,25 @@ class RunLock:
     import fcntl
     import socket
     import time
-    try:
-      os.makedirs(os.path.dirname(self.path), exist_ok=True)
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      raise unwritable(os.path.dirname(self.path), e) from None
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+    while True:
+      try:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+      except OSError as e:
+        raise unwritable(os.path.dirname(self.path), e) from None
+      try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      except BlockingIOError:
+        holder = os.read(fd, 4096).decode(errors='replace').strip() or 'another process'
+        os.close(fd)
+        raise RunDirectoryError(f'{os.path.dirname(self.path)}: in use by {holder}; wait for '
+                                'that run to end, or give another --model_dir') from None
+      try:  # the file a run that just ended removed is not the lock any more: open it anew
+        if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+          break
+      except FileNotFoundError:
+        pass
       os.close(fd)
-      raise RunDirectoryError(f'{os.path.dirname(self.path)}: in use by {holder}; wait for that '
-                              'run to end, or give another --model_dir') from None
     os.ftruncate(fd, 0)
     os.write(fd, (f'host {socket.gethostname()}, pid {os.getpid()}, started '
                   f'{time.strftime("%Y-%m-%d %H:%M:%S")}\n').encode())
@@ -80,7 +87,11 @@ class RunLock:
 
   def release(self) -> None:
     if self._fd is not None:
-      os.close(self._fd)  # closing drops the flock; the file stays (harmless, stale)
+      try:  # removed while held, so a finished run directory keeps no lock file
+        os.unlink(self.path)
+      except OSError:
+        pass
+      os.close(self._fd)  # closing drops the flock
       self._fd = None
 
   def __enter__(self):
@@ -107,6 +118,9 @@ def prepare_run_dir(model_dir: str, manifest: dict[str, Any], resume: bool = Tru
       changes = ', '.join(f'{k}: {old.get(k)!r} -> {manifest.get(k)!r}' for k in diff)
       raise RunDirectoryError(f'{model_dir}: holds a different run ({changes}); '
                               'give a new --model_dir')
+    if not resume and os.path.exists(os.path.join(model_dir, 'summary.json')):
+      raise RunDirectoryError(f'{model_dir}: holds this run, finished; give a new --model_dir to '
+                              'run it again (or --resume with more --steps to train it further)')
     if not resume:
       raise RunDirectoryError(f'{model_dir}: holds this run already; pass --resume to continue '
                               'it or give a new --model_dir')

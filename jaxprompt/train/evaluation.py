@@ -89,6 +89,107 @@ def _pad_rows(seqs: Sequence[Sequence[int]]) -> np.ndarray:
   return out
 
 
+class Predicting:
+  """The predicting half of evaluation, shared by validation, `jaxprompt eval` and `jaxprompt
+  infer`: one jitted program per batch shape on the engine's mesh that turns token batches into
+  label log-likelihoods (rank classification), greedy generations (KV cache) or beam search's
+  best beam, and those outputs into texts.
+
+  Args:
+    engine: the `jaxprompt.train.engine.Engine` (module, mesh, frozen tree, batch placement).
+    inputs: the method's evaluation mapping `(trainable, frozen, batch) -> (params, prompt)`.
+    vocab: the tokenizer generations are decoded with.
+    labels: the label verbalizers rank classification scores (None: generation only).
+    mode: 'rank', 'greedy' or 'beam'.
+    batch_extras: constant batch entries (e.g. `task_index` for a prompt stack).
+    ensemble: the prompt is a stack [n, P, d] of prompts for one task; every example runs
+      with each of them in one batch and the n predictions vote (ties go to the earlier row).
+
+  A batch holds `encoder_input_tokens` [B, L], `example_mask` [B] and `decoder_target_tokens`
+  [B, T] (its width is the number of output steps decoded; its values are not read), plus what
+  the method's mapping reads (`task_index` for a stack).
+  """
+
+  def __init__(self, engine, inputs: Callable, vocab, labels: Sequence[str] | None, mode: str,
+               *, prompt_position: int = 0, batch_extras: dict[str, Any] | None = None,
+               ensemble: bool = False, num_beams: int = 4):
+    if mode not in ('rank', 'greedy', 'beam'):
+      raise ValueError(f'prediction mode {mode!r}: choose rank, greedy or beam')
+    if mode == 'rank' and not labels:
+      raise ValueError('rank classification needs label verbalizers; use greedy decoding')
+    self.engine, self.inputs, self.vocab, self.mode = engine, inputs, vocab, mode
+    self.labels = list(labels) if labels else None
+    self.prompt_position, self.num_beams, self.ensemble = prompt_position, num_beams, ensemble
+    self.batch_extras = batch_extras or {}
+    self.label_tokens = None
+    if self.labels:
+      self.label_tokens = jnp.asarray(_pad_rows(
+          [list(vocab.encode(label)) + [vocab.eos_id] for label in self.labels]))
+
+  def with_extras(self, batch_extras: dict[str, Any]) -> 'Predicting':
+    """The same program with other constant batch entries (another row of a prompt stack)."""
+    self._program  # noqa: B018 - built once here, so every copy shares it
+    other = copy.copy(self)
+    other.batch_extras = dict(batch_extras)
+    return other
+
+  def device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    from jaxprompt.data.features import EXAMPLE_MASK
+    size = len(batch[EXAMPLE_MASK])
+    out = {k: v for k, v in batch.items() if k != EXAMPLE_MASK}
+    for k, v in self.batch_extras.items():
+      out[k] = np.full((size,) + np.shape(v), v)
+    return self.engine.put_full_batch(out)
+
+  @functools.cached_property
+  def _program(self):
+    module, position, mode = self.engine.module, self.prompt_position, self.mode
+    inputs, ensemble, num_beams = self.inputs, self.ensemble, self.num_beams
+
+    def predict(trainable, frozen, batch, label_tokens):
+      params, prompt = inputs(trainable, frozen, batch)
+      tokens = batch['encoder_input_tokens']
+      max_len = batch['decoder_target_tokens'].shape[1]
+      if ensemble:  # [B, L] x [n, P, d] -> rows b * n + i run example b with prompt i
+        n = prompt.shape[0]
+        tokens = jnp.repeat(tokens, n, axis=0)
+        prompt = jnp.tile(prompt, (batch['encoder_input_tokens'].shape[0], 1, 1))
+      if mode == 'rank':
+        return decoding.rank_classify(module, params, tokens, label_tokens, prompt, position)
+      if mode == 'beam':
+        seqs, scores = decoding.beam_search(module, params, tokens, max_len, num_beams,
+                                            prompt=prompt, prompt_position=position)
+        return seqs[:, 0], scores[:, 0]
+      return decoding.greedy_decode(module, params, tokens, max_len, prompt, position)
+
+    return self.engine.jit(predict)
+
+  def outputs(self, trainable, batch: dict[str, np.ndarray]):
+    """The program's host outputs for one batch: label log-likelihoods [B, C] (rank), tokens
+    [B, T] (greedy), or (tokens [B, T], scores [B]) (beam); an ensemble has n rows per example."""
+    return jax.device_get(self._program(trainable, self.engine.frozen, self.device_batch(batch),
+                                        self.label_tokens))
+
+  def texts(self, outputs, size: int) -> list[str]:
+    """One text per example of a batch of `size` rows (label verbalizers or decoded tokens)."""
+    if self.mode == 'rank':
+      texts = [self.labels[int(p)] for p in np.argmax(np.asarray(outputs), axis=-1)]
+    else:
+      tokens = outputs[0] if self.mode == 'beam' else outputs
+      texts = [self.decode(p) for p in np.asarray(tokens)]
+    if self.ensemble:
+      n = len(texts) // size
+      texts = [collections.Counter(texts[b * n:(b + 1) * n]).most_common(1)[0][0]
+               for b in range(size)]
+    return texts
+
+  def decode(self, tokens: np.ndarray) -> str:
+    tokens = list(tokens)
+    if self.vocab.eos_id in tokens:
+      tokens = tokens[:tokens.index(self.vocab.eos_id)]
+    return self.vocab.decode([int(t) for t in tokens if t > 0])
+
+
 class Evaluator:
   """`evaluator(trainable) -> {metric: value}` for one task split, on the engine's mesh.
 
@@ -100,8 +201,7 @@ class Evaluator:
     mode: 'rank' (label verbalizers), 'greedy', 'beam', or 'auto' (rank when the task has
       labels, else greedy).
     batch_extras: constant batch entries (e.g. `task_index` for a prompt stack).
-    ensemble: the prompt is a stack [n, P, d] of prompts for this one task; every example runs
-      with each of them in one batch and the n predictions vote (ties go to the earlier row).
+    ensemble: see `Predicting`.
   """
 
   def __init__(self, engine, inputs: Callable, task: str, data: EvalData, mode: str = 'auto',
@@ -112,81 +212,34 @@ class Evaluator:
       raise ValueError(f'evaluation mode {mode!r}: choose one of {EVAL_MODES}')
     self.engine, self.inputs, self.data = engine, inputs, data
     self.task = seqio.get_mixture_or_task(task)
-    self.prompt_position, self.num_beams, self.ensemble = prompt_position, num_beams, ensemble
-    self.batch_extras = batch_extras or {}
     self.labels = label_names(self.task)
     self.mode = ('rank' if self.labels else 'greedy') if mode == 'auto' else mode
     if self.mode == 'rank' and not self.labels:
       raise ValueError(f'task {self.task.name} has no label verbalizers; use greedy decoding')
-    self.vocab = self.task.output_features['targets'].vocabulary
-    self.label_tokens = None
-    if self.labels:
-      self.label_tokens = jnp.asarray(_pad_rows(
-          [list(self.vocab.encode(label)) + [self.vocab.eos_id] for label in self.labels]))
+    self.ensemble = ensemble
+    self.predicting = Predicting(engine, inputs, self.task.output_features['targets'].vocabulary,
+                                 self.labels, self.mode, prompt_position=prompt_position,
+                                 batch_extras=batch_extras, ensemble=ensemble,
+                                 num_beams=num_beams)
     self._loss_step = None if ensemble else engine.jit(
         make_eval_step(engine.module, inputs, loss, prompt_position))
 
   def with_extras(self, batch_extras: dict[str, Any]) -> 'Evaluator':
     """The same evaluation with other constant batch entries (another row of a prompt stack),
     sharing this one's data and compiled programs."""
-    self._predict  # noqa: B018 - built once here, so every copy shares it
     other = copy.copy(self)
-    other.batch_extras = dict(batch_extras)
+    other.predicting = self.predicting.with_extras(batch_extras)
     return other
-
-  def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    from jaxprompt.data.features import EXAMPLE_MASK
-    size = len(batch[EXAMPLE_MASK])
-    out = {k: v for k, v in batch.items() if k != EXAMPLE_MASK}
-    for k, v in self.batch_extras.items():
-      out[k] = np.full((size,) + np.shape(v), v)
-    return self.engine.put_full_batch(out)
-
-  @functools.cached_property
-  def _predict(self):
-    module, position, mode = self.engine.module, self.prompt_position, self.mode
-    inputs, ensemble, num_beams = self.inputs, self.ensemble, self.num_beams
-    max_len = self.data.batches[0]['decoder_target_tokens'].shape[1]
-
-    def predict(trainable, frozen, batch, label_tokens):
-      params, prompt = inputs(trainable, frozen, batch)
-      tokens = batch['encoder_input_tokens']
-      if ensemble:  # [B, L] x [n, P, d] -> rows b * n + i run example b with prompt i
-        n = prompt.shape[0]
-        tokens = jnp.repeat(tokens, n, axis=0)
-        prompt = jnp.tile(prompt, (batch['encoder_input_tokens'].shape[0], 1, 1))
-      if mode == 'rank':
-        return jnp.argmax(decoding.rank_classify(module, params, tokens, label_tokens, prompt,
-                                                 position), axis=-1)
-      if mode == 'beam':
-        return decoding.beam_search(module, params, tokens, max_len, num_beams,
-                                    prompt=prompt, prompt_position=position)[0][:, 0]
-      return decoding.greedy_decode(module, params, tokens, max_len, prompt, position)
-
-    return self.engine.jit(predict)
 
   def predictions(self, trainable) -> list[str]:
     """Predicted texts (label verbalizers or decoded generations), one per example, in order."""
     from jaxprompt.data.features import EXAMPLE_MASK
     out: list[str] = []
     for batch in self.data.batches:
-      size = len(batch[EXAMPLE_MASK])
-      pred = np.asarray(jax.device_get(self._predict(trainable, self.engine.frozen,
-                                                     self._device_batch(batch),
-                                                     self.label_tokens)))
-      texts = [self.labels[int(p)] if self.mode == 'rank' else self._decode(p) for p in pred]
-      if self.ensemble:
-        n = len(texts) // size
-        texts = [collections.Counter(texts[b * n:(b + 1) * n]).most_common(1)[0][0]
-                 for b in range(size)]
+      texts = self.predicting.texts(self.predicting.outputs(trainable, batch),
+                                    len(batch[EXAMPLE_MASK]))
       out.extend(t for t, keep in zip(texts, batch[EXAMPLE_MASK]) if keep)
     return out
-
-  def _decode(self, tokens: np.ndarray) -> str:
-    tokens = list(tokens)
-    if self.vocab.eos_id in tokens:
-      tokens = tokens[:tokens.index(self.vocab.eos_id)]
-    return self.vocab.decode([t for t in tokens if t > 0])
 
   def __call__(self, trainable) -> dict[str, float]:
     from jaxprompt.data.evaluation import compute_metrics
@@ -197,7 +250,7 @@ class Evaluator:
       sums = {'loss': 0.0, 'weight_sum': 0.0, 'num_correct': 0.0}
       for batch in self.data.batches:
         m = jax.device_get(self._loss_step(trainable, self.engine.frozen,
-                                           self._device_batch(batch)))
+                                           self.predicting.device_batch(batch)))
         for k in sums:
           sums[k] += float(m[k])
       metrics['loss_per_token'] = sums['loss'] / max(sums['weight_sum'], 1e-9)

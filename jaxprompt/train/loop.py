@@ -247,6 +247,11 @@ def train_loop(train_step: Callable, state, frozen, batches: Callable[[int], Ite
         if progress is not None:
           progress.set_postfix(loss=f'{row["loss_per_token"]:.4f}', steps_s=f'{rate:.2f}')
       if progress is not None:
+        # The bar counts steps that ran, not steps dispatched: fed at dispatch it raced ahead
+        # and stalled at every log_period sync, and its ETA swung (a 3.3-min lab build read
+        # 23 min to 2 h). Waiting for the step before keeps one step in flight.
+        if len(pending) > 1:
+          jax.block_until_ready(pending[-2])
         progress.update(1)
       if at_checkpoint:
         is_best = False
