@@ -12,10 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-declare -A MESHES=([v3-8]=1x8,2x4,8x1 [v4-16]=1x16,2x8,4x4 [v3-32]=2x16,4x8 [v5p-2]=1x1)
+declare -A MESHES=([v3-8]=1x8,2x4,8x1 [v4-16]=1x8,2x4,4x2 [v3-32]=2x16,4x8 [v5p-2]=1x1)
 declare -A FLAGS=([base]='--param_dtype float32 --remat_policy none'
                   [remat_bf16]='--param_dtype bfloat16 --remat_policy full'
-                  [remat_bf16_scan]='--param_dtype bfloat16 --remat_policy full --scan_layers')
+                  [remat_bf16_scan]='--param_dtype bfloat16 --remat_policy full --scan_layers True')
 PAIRS=("$@")
 [ ${#PAIRS[@]} -gt 0 ] || PAIRS=(remat_bf16_scan:v3-8 remat_bf16_scan:v5p-2 base:v5p-2 base:v3-8
                                  base:v4-16 base:v3-32 remat_bf16_scan:v4-16 remat_bf16_scan:v3-32)

@@ -139,7 +139,8 @@ def run(method: Method, task: str, backbone, model_dir: str, config: RunConfig, 
   init_rng, dropout_rng = jax.random.split(rng)
   trainable, extras = method.init(init_rng, ctx)  # may fail on the user's init file: before writing
   tx = optimizer or method.optimizer(ctx)
-  ctx, trainable = hold_backbone(method, ctx, trainable)
+  # A backbone read from a path is the run's own: stacking frees its unrolled layers.
+  ctx, trainable = hold_backbone(method, ctx, trainable, release=isinstance(backbone, str))
   bb = ctx.backbone
 
   is_writer = jax.process_index() == 0
@@ -209,18 +210,21 @@ def check_backbone_options(method: Method, config: RunConfig) -> None:
                       'trains the backbone, which is kept float32; leave param_dtype float32')
 
 
-def hold_backbone(method: Method, ctx: Context, trainable) -> tuple[Context, Any]:
+def hold_backbone(method: Method, ctx: Context, trainable, release: bool = False
+                  ) -> tuple[Context, Any]:
   """The backbone as the run holds it: the module with `remat_policy` / `scan_layers`, the
   frozen weights in `param_dtype` and stacked when scanned (a backbone trainable, model
   tuning, is stacked too). Its config and fingerprint, the checkpoint's identity, are kept.
-  Any other trainable is float32, even one initialised from a bfloat16 embedding."""
+  Any other trainable is float32, even one initialised from a bfloat16 embedding.
+  `release`: the frozen weights are the run's own (read from a path), so each unrolled layer
+  is freed as it is stacked (`stack_layers`): the weights are held once, not twice."""
   config, bb = ctx.config, ctx.backbone
   module = bb.module.clone(remat_policy=config.remat_policy, scan_layers=config.scan_layers)
   params = model_layout.cast_frozen(bb.params, config.param_dtype)
   if not method.trains_backbone:
     trainable = model_layout.cast_frozen(trainable, 'float32')
   if config.scan_layers:
-    params = model_layout.stack_layers(params)
+    params = model_layout.stack_layers(params, release=release and not method.trains_backbone)
     if method.trains_backbone:
       trainable = model_layout.stack_layers(trainable)
   bb = dataclasses.replace(bb, module=module, params=params)

@@ -145,6 +145,21 @@ def test_plan_on_eight_devices_matches_the_sharded_step():
   _check(result['row'], result['real'])
 
 
+def test_tpu_targets_are_the_devices_jax_sees_on_cloud_tpu():
+  """v4 and v5p run megacore (one device per chip, the chip's HBM), v3 one device per core;
+  v4's per-core mode on request, named. Skipped without libtpu (CI installs the [tpu] extra)."""
+  pytest.importorskip('libtpu')
+  seen = {t: plan_lib.target_devices(t) for t in ('v4-16', 'v3-8', 'v5p-8')}
+  assert {t: (len(x.devices), x.device_memory) for t, x in seen.items()} == {
+      'v4-16': (8, 32 * 2**30), 'v3-8': (8, 16 * 2**30), 'v5p-8': (4, 95 * 2**30)}
+  assert 'megacore' in seen['v4-16'].name and 'per_core' in seen['v3-8'].name
+  assert plan_lib.candidate_meshes(len(seen['v4-16'].devices)) == [(8, 1), (4, 2), (2, 4), (1, 8)]
+  per_core = plan_lib.target_devices('v4-16', mode='per_core')
+  assert (len(per_core.devices), per_core.device_memory) == (16, 16 * 2**30)
+  with pytest.raises(plan_lib.PlanError, match='--tpu_mode megacore'):
+    plan_lib.target_devices('v3-8', mode='megacore')
+
+
 @pytest.mark.slow
 def test_plan_for_a_tpu_topology():
   """libtpu's compiler, no TPU: a tiny T5 on v3-8 (16 GiB per core) fits on every mesh, and each
@@ -230,17 +245,18 @@ RUN = dict(batch_size=4, prompt_length=3, feature_lengths={'inputs': 6, 'targets
 
 
 def test_plan_compiles_the_program_tune_runs(tmp_path):
-  """P-tuning with remat, scanned bf16 weights and 2 microbatches: plan's train program (its
-  StableHLO and memory) is the one the run driver compiles at its first step."""
+  """P-tuning with remat, scanned bf16 weights, bf16 activations and 2 microbatches: plan's
+  train program (its StableHLO and memory) is the one the run driver compiles at its first
+  step."""
   options = dict(RUN, remat_policy='full', scan_layers=True, param_dtype='bfloat16',
-                 accumulate_steps=2, z_loss=1e-3, dropout_rate=0.2)
+                 dtype='bfloat16', accumulate_steps=2, z_loss=1e-3, dropout_rate=0.2)
   _same_program(plan_matches_tune(str(tmp_path), 'p_tuning', **options))
 
 
 # (method, options, meshes) on 4 CPU devices: dtypes, remat policies, scan, param dtypes,
 # microbatches, (data, model) meshes, a submesh, loss settings, prompt position and dropout.
 CASES = [
-    ('prompt_tuning', dict(), [(4, 1)]),
+    ('prompt_tuning', dict(dtype='bfloat16'), [(4, 1)]),
     ('prompt_tuning', dict(remat_policy='minimal', num_partitions=2,
                            parameter_partitioning_dims=2, label_smoothing=0.1,
                            prompt_position='suffix'), None),
@@ -248,7 +264,7 @@ CASES = [
                            param_dtype='bfloat16', prefix_layout='every_layer'), None),
     ('p_tuning', dict(num_partitions=4, remat_policy='full', accumulate_steps=2,
                       encoder_type='lstm'), None),
-    ('model_tuning', dict(scan_layers=True, remat_policy='full'), [(2, 2)]),
+    ('model_tuning', dict(scan_layers=True, remat_policy='full', dtype='bfloat16'), [(2, 2)]),
 ]
 FOUR = textwrap.dedent('''
     import json, sys

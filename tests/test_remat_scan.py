@@ -371,6 +371,29 @@ def test_hold_backbone_casts_stacks_and_keeps_the_identity(tiny):
   jax.tree_util.tree_map(np.testing.assert_array_equal, unstack_layers(model), params)
 
 
+
+def test_stacking_a_runs_own_weights_frees_each_layer_as_it_goes(tiny):
+  """With `release` (a backbone the run read from a path), each unrolled layer is deleted once
+  its stacked leaf exists: the weights are held once, not twice; the stack is the same.
+  Without it (a caller's arrays) nothing is touched."""
+  from jaxprompt.checkpoints.backbone import Backbone, fingerprint
+  from jaxprompt.config import RunConfig
+  from jaxprompt.methods import Context, get_method
+  from jaxprompt.prompts.prompt import prompt_tree
+  from jaxprompt.tuning import hold_backbone
+  cfg, params = tiny
+  expected = stack_layers(jax.tree_util.tree_map(np.asarray, params))
+  for release in (False, True):
+    own = jax.tree_util.tree_map(jnp.array, params)  # fresh arrays, as a load makes
+    bb = Backbone(Transformer(cfg), own, None, fingerprint(cfg, params))
+    ctx = Context(bb, 't', ('t',), None, None, RunConfig(scan_layers=True), None)
+    held, _ = hold_backbone(get_method('prompt_tuning'), ctx,
+                            prompt_tree(jnp.ones((3, cfg.emb_dim))), release=release)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, held.backbone.params, expected)
+    layer = own['encoder']['layers_0']['attention']['query']['kernel']
+    assert layer.is_deleted() is release
+    assert not own['token_embedder']['embedding'].is_deleted()  # not a layer: kept
+
 def _write_task(root):
   import data_helpers
   from jaxprompt import cli

@@ -19,6 +19,7 @@ Leaves may be numpy or jax arrays (stacked with their own library) or `ShapeDtyp
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any
 
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxprompt import host
 from jaxprompt.model.network import SCAN_AXIS
 
 STACKS = ('encoder', 'decoder')
@@ -61,6 +63,30 @@ def _stack(leaves: list) -> Any:
   return jnp.stack(leaves)
 
 
+def _stack_releasing(leaves: list) -> jax.Array:
+  """`_stack` of jax arrays written layer by layer into one donated buffer, each layer deleted
+  once written: the stack and one layer are held, never the stack and all its layers."""
+  first = leaves[0]
+  sharding = first.sharding
+  if isinstance(sharding, jax.sharding.NamedSharding):  # the layer axis is not split
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(
+        None, *sharding.spec))
+  shape = (len(leaves),) + tuple(first.shape)
+  out = jax.jit(lambda: jnp.zeros(shape, first.dtype), out_shardings=sharding)()
+  for i, leaf in enumerate(leaves):
+    out = _write_layer(out, leaf, i)
+    out.block_until_ready()
+    leaf.delete()
+  host.release_host_memory()  # the freed layers back to the system, not kept by malloc
+  return out
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _write_layer(stack, layer, index):
+  """The stack with `layer` at `index`, in place (the stack's buffer is donated)."""
+  return jax.lax.dynamic_update_index_in_dim(stack, layer.astype(stack.dtype), index, 0)
+
+
 def _unstack(stacked: Any, count: int) -> list:
   if isinstance(stacked, jax.ShapeDtypeStruct):
     return [jax.ShapeDtypeStruct(tuple(stacked.shape[1:]), stacked.dtype)] * count
@@ -78,9 +104,19 @@ def is_scanned(params: dict) -> bool:
   return any(SCAN_AXIS in params.get(name, {}) for name in STACKS)
 
 
-def stack_layers(params: dict) -> dict:
-  """Unrolled tree -> scanned tree (`layers_0..n-1` -> `layers`, leaves stacked on axis 0)."""
+def stack_layers(params: dict, release: bool = False) -> dict:
+  """Unrolled tree -> scanned tree (`layers_0..n-1` -> `layers`, leaves stacked on axis 0).
+
+  `release`: delete each unrolled jax array once its stacked leaf is built, so stacking holds
+  the weights once plus one leaf, not twice (for arrays nothing else will read: a run's own
+  copies, never a caller's)."""
   out = dict(params)
+
+  def stacked(*xs):
+    if release and all(isinstance(x, jax.Array) for x in xs):
+      return _stack_releasing(list(xs))
+    return _stack(list(xs))
+
   for name in STACKS:
     if name not in params:
       continue
@@ -96,8 +132,7 @@ def stack_layers(params: dict) -> dict:
       if jax.tree_util.tree_structure(layer) != structure:
         raise ValueError(f'{name}/layers_{i} has other params than {name}/layers_0')
     rest = {k: v for k, v in stack.items() if not _LAYER.match(k)}
-    out[name] = {**rest, SCAN_AXIS: jax.tree_util.tree_map(lambda *xs: _stack(list(xs)),
-                                                           *layers)}
+    out[name] = {**rest, SCAN_AXIS: jax.tree_util.tree_map(stacked, *layers)}
   return out
 
 
