@@ -93,8 +93,12 @@ def load_product(bb, prompt, tasks: Sequence[str]):
     method = get_method('model_tuning')  # a model-tuned checkpoint
     metadata = {}
   else:
-    metadata = read_prompt(path).metadata
-    method = get_method(metadata.get('method', 'prompt_tuning'))
+    pf = read_prompt(path)
+    metadata = pf.metadata
+    name = metadata.get('method', 'prompt_tuning')
+    if name == 'prompt_stack' and pf.value.ndim == 2:
+      name = 'prompt_tuning'  # one task's row of a stack (a SPoT library entry): one prompt
+    method = get_method(name)
     position = metadata.get('position')
   ctx = Context(bb, tasks[0], tuple(tasks), None, None, None, None)
   trainable, extras = method.load_product(path, ctx)
