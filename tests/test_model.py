@@ -184,6 +184,21 @@ def test_cached_decoding_matches_teacher_forcing(tiny):
   np.testing.assert_allclose(scores, manual, rtol=1e-5)
 
 
+def test_a_cached_step_reads_the_encoder_keys_from_the_cache(tiny):
+  """The encoder's keys/values are projected once, into the cache: a step given another
+  `encoded` of the same shape gives the same logits (the greedy and beam tests check the
+  numbers against teacher forcing)."""
+  module, params = tiny
+  enc, _, _ = _batch()
+  encoded = decoding._encode(module, params, enc, None, 0)
+  cache = decoding.init_cache(module, params, encoded, enc, 4)
+  assert any('cached_cross_key' in jax.tree_util.keystr(path)
+             for path, _ in jax.tree_util.tree_leaves_with_path(cache))
+  token = np.zeros((enc.shape[0], 1), np.int32)
+  step = lambda e: decoding._step_logits(module, params, cache, e, enc, token, 4, 0)[0]  # noqa
+  np.testing.assert_array_equal(step(encoded), step(jnp.zeros_like(encoded)))
+
+
 def test_beam_search_width_one_is_greedy_and_beams_are_sorted(tiny):
   module, params = tiny
   enc, _, _ = _batch()

@@ -226,12 +226,15 @@ def _check_scenario(tmp_path, one: dict, many: list[dict]) -> None:
         continue
       assert 'error' not in got, f'{where}: {got["error"]}'
       assert got['step'] == want['step'] == steps, where
+      # 4 processes reduce the gradient in another order than 1 process with 4 devices: a
+      # rounding-level difference that grows each step (1.1e-5 seen after 9 steps); a wrong
+      # step or a lost update moves the prompt by about the learning rate (0.3).
       np.testing.assert_allclose(np.asarray(got['prompt']), np.asarray(want['prompt']),
-                                 atol=1e-5, err_msg=where)
+                                 atol=2e-4, err_msg=where)
       assert got['best'] == pytest.approx(want['best'], abs=1e-4), where
       assert got['products'] == [True, True], where
       assert got['final_path'] == str(tmp_path / 'many' / name / 'prompt_final.safetensors')
-  assert 'holds this run already' in one['runs'][1]['error']
+  assert 'holds this run, finished' in one['runs'][1]['error']
   for name in ('a', 'b'):
     steps = max(s for n, s, _ in multihost_worker.SCENARIO if n == name)
     rows = [json.loads(line) for line in open(tmp_path / 'many' / name / 'metrics.jsonl')]

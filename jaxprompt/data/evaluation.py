@@ -14,9 +14,12 @@ from typing import Any, Mapping, Optional, Sequence
 
 import seqio
 
+from jaxprompt.data.features import traced_as_written
+
 Example = Mapping[str, Any]
 
 
+@traced_as_written
 def eval_examples(task_name: str, split: str = 'validation', *, shard_id: int = 0,
                   num_shards: int = 1, try_in_mem_cache: bool = True) -> list[dict[str, Any]]:
   """The preprocessed examples of a task (numpy; with `targets_pretokenized`), eval order."""

@@ -25,7 +25,8 @@ def _encode(module: Transformer, params, encoder_input_tokens, prompt, prompt_po
 
 def init_cache(module: Transformer, params, encoded: Array, encoder_input_tokens: Array,
                max_decode_length: int, prompt_position: int = 0):
-  """An empty key/value cache for `max_decode_length` output steps (T5X's `_compute_kv_cache`)."""
+  """The key/value cache for `max_decode_length` output steps (T5X's `_compute_kv_cache`): the
+  decoder's own keys/values empty, the encoder's (`cached_cross_*`) projected once."""
   batch = encoded.shape[0]
   dummy = jnp.ones((batch, max_decode_length), jnp.int32)
   _, variables = module.apply(
@@ -172,7 +173,10 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
     new_alive_lp, keep = jax.lax.top_k(alive_cand, k)
     new_alive_seqs = jnp.take_along_axis(seqs, keep[..., None], axis=1)
     src_beam = jnp.take_along_axis(beam_idx, keep, axis=1)
-    cache = jax.tree_util.tree_map(lambda c: gather_cache(c, src_beam), cache)
+    # The encoder's cached keys/values are the same for every beam of an example: not moved.
+    cache = jax.tree_util.tree_map_with_path(
+        lambda path, c: c if 'cross' in jax.tree_util.keystr(path) else gather_cache(c, src_beam),
+        cache)
     new_last = jnp.take_along_axis(tok, keep, axis=1).reshape(batch * k, 1)
     # Finished: merge the candidates that ended here with the old finished set.
     fin_cand = jnp.where(is_eos, _length_normalise(top_lp, i + 1, alpha), NEG_INF)

@@ -144,8 +144,8 @@ class DecoderLayer(nn.Module):
     x = dropout(x) + inputs
     y = layers.LayerNorm(dtype=dtype, name='pre_cross_attention_layer_norm')(x)
     y = attention('encoder_decoder_attention')(y, encoded, encoder_decoder_mask,
-                                               deterministic=deterministic,
-                                               prefix=prefixes.get('cross'))
+                                               deterministic=deterministic, decode=decode,
+                                               prefix=prefixes.get('cross'), static_kv=True)
     y = dropout(y) + x
     z = layers.LayerNorm(dtype=dtype, name='pre_mlp_layer_norm')(y)
     z = layers.MlpBlock(intermediate_dim=cfg.mlp_dim, activations=cfg.mlp_activations,
