@@ -106,6 +106,7 @@ def test_grad_matches_finite_differences(backbone):
   del frozen
 
 
+@pytest.mark.slow  # the full tier: the fast tier's method contract runs model tuning
 def test_model_tuning_runs_through_the_same_step(backbone):
   module, params = backbone
   eng, state = build_engine(module, steps.model_tuning_inputs, t5x_adafactor(1e-2), {}, params,
@@ -146,6 +147,7 @@ def _run_loop(tmp_path, name, backbone, train_steps=30, fail_at=None):
                          str(tmp_path / name), cfg, evaluate=evaluate, put_batch=eng.put_batch)
 
 
+@pytest.mark.slow  # the full tier: the fast tier resumes a killed run in test_methods_contract
 def test_killed_run_resumes_to_the_same_prompt(tmp_path, backbone):
   full = _run_loop(tmp_path, 'full', backbone)
   with pytest.raises(KeyboardInterrupt):
@@ -232,6 +234,7 @@ def test_accumulated_microbatches_give_the_update_of_the_whole_batch(backbone):
     _train(backbone, batches[:1], 3)
 
 
+@pytest.mark.slow  # the full tier (16 s on 2 cores)
 def test_microbatch_dropout_is_deterministic(backbone):
   """Each microbatch draws its own dropout from (rng, step, microbatch): the same run twice is
   bit-identical, and dropout is on (the update differs from the dropout-free one)."""
@@ -349,6 +352,7 @@ def _run_devices(n: int, parts: int, dims: int = 1) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # the full tier (56 s on 2 cores): 8 devices, 1-D and 2-D parameter sharding
 def test_eight_device_sharded_training_follows_one_device():
   one = _run_devices(1, 1)
   eight = _run_devices(8, 2)

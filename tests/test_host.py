@@ -69,6 +69,7 @@ def test_import_quietly_mutes_native_noise_and_replays_it_on_failure(tmp_path, m
   assert 'stderr works again' in capfd.readouterr().err
 
 
+@pytest.mark.slow  # the full tier (15 s on 2 cores): a subprocess
 def test_the_data_layer_keeps_tensorflow_off_accelerators_and_quiet(tmp_path):
   # TensorFlow only feeds data: it must not take a GPU's memory beside jax, nor print its CUDA
   # probing ("failed call to cuInit", "could not find cuda drivers") into a user's own script.

@@ -4,9 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO_ROOT
 
 
+@pytest.mark.slow  # the full tier (17 s on 2 cores): a test session in a subprocess
 def test_a_test_session_leaves_the_temp_directory_as_it_found_it(tmp_path):
   """A nested pytest run of tests that train a SentencePiece model, write tmp_path files and
   import TensorFlow, with TMPDIR pointing at an empty folder: the folder is empty afterwards."""

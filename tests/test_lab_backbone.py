@@ -55,6 +55,7 @@ def _validation_inputs(task, n=5):
   return batch['encoder_input_tokens'].tolist()
 
 
+@pytest.mark.slow  # the full tier (40 s on 2 cores): a lab backbone build
 def test_building_a_backbone_of_another_seed_leaves_the_callers_tasks_as_they_were(tmp_path):
   # A study that builds a second backbone (another seed: another world of examples) mid-run
   # must go on evaluating on the tasks it started with, as when that backbone was cached.

@@ -134,6 +134,7 @@ def test_no_prefix_leaves_the_model_as_it_was_and_bad_prefixes_are_refused():
                 prompt=PromptInputs(None, {'decoder_self': bad['decoder']}))
 
 
+@pytest.mark.slow  # the full tier (27 s on 2 cores)
 def test_scanned_and_rematerialised_stacks_take_prefixes_alike():
   params = random_params(CONFIG, seed=7)
   prefixes = random_prefixes(CONFIG, seed=1)
