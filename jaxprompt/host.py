@@ -70,15 +70,17 @@ def reexec_with_huge_pages(module: str, argv: Sequence[str]) -> None:
     os.execve(sys.executable, reexec_argv(module, argv), env)
 
 
-def release_host_memory() -> None:
+def release_host_memory(collect: bool = True) -> None:
   """Returns freed heap pages to the OS (glibc `malloc_trim`); a no-op elsewhere.
 
   Reading a checkpoint and compiling a step leave hundreds of MB freed but resident;
-  without this they add to the training loop's peak.
+  without this they add to the training loop's peak. `collect`: run the garbage collector
+  first (seconds in a big process; not needed for arrays deleted explicitly).
   """
   import ctypes  # pylint: disable=g-import-not-at-top
   import gc  # pylint: disable=g-import-not-at-top
-  gc.collect()
+  if collect:
+    gc.collect()
   try:
     ctypes.CDLL('libc.so.6').malloc_trim(0)
   except (OSError, AttributeError):

@@ -77,6 +77,7 @@ def _stack_releasing(leaves: list) -> jax.Array:
     out = _write_layer(out, leaf, i)
     out.block_until_ready()
     leaf.delete()
+    host.release_host_memory(collect=False)  # the freed layer back to the system, not kept
   return out
 
 
@@ -132,8 +133,6 @@ def stack_layers(params: dict, release: bool = False) -> dict:
         raise ValueError(f'{name}/layers_{i} has other params than {name}/layers_0')
     rest = {k: v for k, v in stack.items() if not _LAYER.match(k)}
     out[name] = {**rest, SCAN_AXIS: jax.tree_util.tree_map(stacked, *layers)}
-  if release:  # the freed layers back to the system, not kept by malloc; once (it runs a full
-    host.release_host_memory()  # garbage collection: seconds in a big process)
   return out
 
 
