@@ -241,8 +241,9 @@ class MultiHeadDotProductAttention(nn.Module):
 
     `static_kv` (encoder-decoder attention): `inputs_kv` is the same at every decoding step, so
     with `decode` its keys and values are projected once, when the cache is made, and read from
-    the cache after (T5X projects them again each step: the same numbers, and at batch 16 on
-    a T5.1.1-small shape most of a step's work)."""
+    the cache after (T5X projects them again each step: the same numbers; measured 2026-12-07
+    at T5.1.1-small shape, batch 16, no faster: XLA already hoists them out of the loop, so
+    this only makes the hoisting independent of XLA's heuristics)."""
     depth_scaling = jnp.sqrt(self.head_dim).astype(jnp.float32)
 
     def query_init(*args):
