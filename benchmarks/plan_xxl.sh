@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # T5.1.1-XXL prompt tuning in the papers' SuperGLUE setting (batch 32, 512 inputs + 100 prompt
 # tokens, 8 targets, bf16 activations), compiled ahead of time by `jaxprompt plan` for TPU
-# topologies (libtpu's compiler, no TPU needed) and one chip (v5p-2, judged against an 80 GB
-# GPU's budget): as the library holds the backbone by default (float32, no remat, unrolled
+# topologies (libtpu's compiler, no TPU needed), one TPU chip (v5p-2, judged against an 80 GB
+# budget) and one 80 GB H100 (XLA:GPU's compiler, no GPU needed: the gpu-plan extra): as the library holds the backbone by default (float32, no remat, unrolled
 # layers) and with the frozen layers rematerialised, held in bfloat16 and scanned
 # (remat_bf16_scan; remat_bf16 is the same unrolled, whose TPU compile took over 40 min here).
 #   bash benchmarks/plan_xxl.sh [VARIANT:TARGET ...]      # default: every pair below, in order
@@ -12,13 +12,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-declare -A MESHES=([v3-8]=1x8,2x4,8x1 [v4-16]=1x8,2x4,4x2 [v3-32]=2x16,4x8 [v5p-2]=1x1)
+declare -A MESHES=([v3-8]=1x8,2x4,8x1 [v4-16]=1x8,2x4,4x2 [v3-32]=2x16,4x8 [v5p-2]=1x1 [h100]=1x1
+                  [a100]=1x1)
 declare -A FLAGS=([base]='--param_dtype float32 --remat_policy none'
                   [remat_bf16]='--param_dtype bfloat16 --remat_policy full'
                   [remat_bf16_scan]='--param_dtype bfloat16 --remat_policy full --scan_layers True')
 PAIRS=("$@")
 [ ${#PAIRS[@]} -gt 0 ] || PAIRS=(remat_bf16_scan:v3-8 remat_bf16_scan:v5p-2 base:v5p-2 base:v3-8
-                                 base:v4-16 base:v3-32 remat_bf16_scan:v4-16 remat_bf16_scan:v3-32)
+                                 base:v4-16 base:v3-32 remat_bf16_scan:v4-16 remat_bf16_scan:v3-32
+                                 remat_bf16_scan:h100 base:h100)
 for pair in "${PAIRS[@]}"; do
   variant=${pair%%:*} target=${pair#*:}
   name=benchmarks/results/plan_xxl_${variant}_${target}

@@ -579,8 +579,11 @@ def _add_plan_parser(sub) -> None:
                  help='a T5 config name (t5_1_1_xxl, as --config), a model gin file '
                       '(models/t5_1_1/xxl.gin, as --gin_file) or a checkpoint (as --backbone)')
   p.add_argument('--target', default='cpu:1',
-                 help="cpu:N, or a TPU topology with libtpu installed: v3-8, v3-32, v4-16, v5p-8, "
-                      "v5p-2 (one chip), libtpu's v4:2x2x2 (default cpu:1)")
+                 help="cpu:N; a TPU topology with libtpu installed: v3-8, v3-32, v4-16, v5p-8, "
+                      "v5p-2 (one chip), libtpu's v4:2x2x2; a GPU with jax's CUDA plugin "
+                      'installed (the gpu-plan extra): h100, a100 (80 GB), h100:8 (8 on one '
+                      'host), h100:2x8 (hosts x GPUs), or a GPU target config FILE.txtpb '
+                      '(default cpu:1)')
   p.add_argument('--tpu_mode', default=None, choices=('megacore', 'per_core'),
                  help="a TPU's devices as JAX sees them: v4 megacore (default, one device per "
                       'chip) or per_core; v2/v3 are per core, v5p megacore, v5e/v6e one core '

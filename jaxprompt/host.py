@@ -21,6 +21,12 @@ HUGE_PAGES_TUNABLE = 'glibc.malloc.hugetlb=1'
 OPT_OUT = 'JAXPROMPT_SYSTEM_MALLOC'
 
 
+def has_gpu() -> bool:
+  """An NVIDIA or AMD GPU's device file (what the CUDA and ROCm drivers open)."""
+  import glob
+  return bool(glob.glob('/dev/nvidia[0-9]*') or os.path.exists('/dev/kfd'))
+
+
 def runs_on_cpu(environ=None) -> bool:
   """Whether jax will run on the CPU, judged without starting it: no accelerator plugin is
   installed, or JAX_PLATFORMS asks for the CPU first."""
@@ -30,8 +36,8 @@ def runs_on_cpu(environ=None) -> bool:
   if platforms:
     return platforms.split(',')[0].strip() == 'cpu'
   plugins = ('jax_cuda12_plugin', 'jax_cuda13_plugin', 'jax_rocm60_plugin')
-  if any(importlib.util.find_spec(p) is not None for p in plugins):
-    return False
+  if any(importlib.util.find_spec(p) is not None for p in plugins) and has_gpu():
+    return False  # a plugin alone is no GPU: the gpu-plan extra installs one for `plan`
   # libtpu alone is no TPU: the `tpu` extra installs it on any machine for `jaxprompt plan`'s
   # ahead-of-time compiles. A TPU host also has the chips' device files.
   import glob

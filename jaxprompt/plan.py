@@ -59,6 +59,8 @@ class Target:
   device_memory: int | None  # bytes per device; None: no budget to judge against
   compiler: str
   settings: dict = dataclasses.field(default_factory=dict)  # the run's, as `plan` compiled it
+  compiler_options: dict = dataclasses.field(default_factory=dict)  # passed to each compile
+  note: str | None = None  # how to read the budget, printed under the target line
 
 
 @dataclasses.dataclass
@@ -107,11 +109,11 @@ def _bytes(number: str, unit: str) -> int:
   return int(float(number) * 1024 ** ' KMGT'.index(unit or ' '))
 
 
-def _compile(lowered, mesh, step, device_memory) -> Row:
+def _compile(lowered, mesh, step, device_memory, compiler_options=None) -> Row:
   program = fingerprint(lowered)
   start = time.perf_counter()
   try:
-    stats = lowered.compile().memory_analysis()
+    stats = lowered.compile(compiler_options or None).memory_analysis()
   except Exception as e:  # noqa: BLE001 - jax's runtime error: only running out of memory is a result
     found = _OUT_OF_HBM.search(str(e))
     if 'RESOURCE_EXHAUSTED' not in str(e) or not found:
@@ -176,15 +178,85 @@ def tpu_mode(generation: str, mode: str | None) -> str:
   return mode
 
 
+GPU_TARGETS = ('h100', 'a100')  # jaxprompt/gpu_targets/NAME.txtpb
+# jax's GPU client takes this fraction of device memory for its pool by default
+# (XLA_PYTHON_CLIENT_MEM_FRACTION); a program must fit in the pool.
+GPU_POOL_FRACTION = 0.75
+# XLA:GPU's Triton GEMM tiling fails on some XXL shapes when it cannot autotune (no device);
+# cuBLAS GEMMs instead, as for any compile without autotuning.
+GPU_COMPILER_OPTIONS = {'xla_gpu_enable_triton_gemm': False}
+
+
+def gpu_target(target: str) -> tuple[str, str] | None:
+  """'h100', 'a100:8', 'h100:2x8' or 'FILE.txtpb[:N]' -> (target config file, XLA:GPU's
+  topology 'slices x hosts x GPUs per host'); None for a target that is no GPU."""
+  m = re.fullmatch(r'(.+?)(?::(?:(\d+)x)?(\d+))?', target)
+  name, hosts, gpus = m.group(1), int(m.group(2) or 1), int(m.group(3) or 1)
+  if name in GPU_TARGETS:
+    path = os.path.join(os.path.dirname(__file__), 'gpu_targets', f'{name}.txtpb')
+  elif name.endswith(('.txtpb', '.pbtxt')):
+    path = name
+    if not os.path.isfile(path):
+      raise PlanError(f'--target {target}: no GPU target config file {path}')
+  else:
+    return None
+  if hosts < 1 or gpus < 1:
+    raise PlanError(f'--target {target}: give a count of at least 1, e.g. {name}:8')
+  return path, f'1x{hosts}x{gpus}'
+
+
+def _gpu_devices(target: str, path: str, topology: str, device_memory: int | None) -> Target:
+  """XLA:GPU's compile-only devices for the target config in `path` (jax's CUDA plugin, no
+  GPU and no CUDA libraries needed)."""
+  import importlib.util
+  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+    raise PlanError(f"--target {target} compiles with XLA:GPU; install jax's CUDA plugin (pip "
+                    "install 'jaxprompt[gpu-plan]') or plan for cpu:N")
+  import jax
+  from jax._src import xla_bridge
+  from jax.experimental import topologies
+  from jaxprompt.host import has_gpu
+  if not jax.config.jax_platforms and not has_gpu():
+    # With no GPU the plugin registers only where CUDA is not asked for (no CUDA to check).
+    if xla_bridge.backends_are_initialized():
+      raise PlanError(f'--target {target}: jax started with its CUDA plugin and no GPU; start '
+                      'the process with JAX_PLATFORMS=cpu')
+    jax.config.update('jax_platforms', 'cpu')
+  with open(path) as f:
+    config = f.read()
+  found = re.search(r'device_memory_size:\s*(\d+)', config)
+  try:
+    devices = list(topologies.get_topology_desc(platform='cuda', target_config=config,
+                                                topology=topology).devices)
+  except Exception as e:  # noqa: BLE001 - the plugin's error, named with its file
+    raise PlanError(f'--target {target}: XLA:GPU could not take {path} '
+                    f'({" ".join(str(e).split())[:200]})') from None
+  fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', GPU_POOL_FRACTION))
+  pool = int(int(found.group(1)) * fraction) if found else None
+  note = None
+  if device_memory is None and pool is not None:
+    note = (f"budget: jax's memory pool, {fraction:g} of the GPU's "
+            f'{int(found.group(1)) / GiB:.2f} GiB (XLA_PYTHON_CLIENT_MEM_FRACTION)')
+  return Target(f'{target} ({topology})', devices, device_memory or pool,
+                f'XLA:GPU ({devices[0].device_kind}), ahead of time', note=note,
+                compiler_options=dict(GPU_COMPILER_OPTIONS))
+
+
 def target_devices(target: str, device_memory: int | None = None,
                    mode: str | None = None) -> Target:
-  """The devices of `target` ('cpu:N' or a TPU topology) and each one's memory (`device_memory`
-  overrides it, e.g. a GPU's budget judged on a stand-in). A TPU's devices are as JAX sees them
-  on Cloud TPU (`TPU_MODES`; `mode` picks the other where the generation has two)."""
+  """The devices of `target` ('cpu:N', a TPU topology or a GPU) and each one's memory
+  (`device_memory` overrides it). A TPU's devices are as JAX sees them on Cloud TPU
+  (`TPU_MODES`; `mode` picks the other where the generation has two); a GPU's budget is jax's
+  memory pool on it."""
   import jax
   m = re.fullmatch(r'cpu:(\d+)', target)
   if m and mode is not None:
     raise PlanError(f'--tpu_mode {mode}: for a TPU target; {target} is CPU devices')
+  gpu = None if m else gpu_target(target)
+  if gpu:
+    if mode is not None:
+      raise PlanError(f'--tpu_mode {mode}: for a TPU target; {target} is a GPU')
+    return _gpu_devices(target, *gpu, device_memory)
   if m:
     n = int(m.group(1))
     devices = jax.devices('cpu')
@@ -301,7 +373,8 @@ def plan(model=None, *, target: str = 'cpu:1',
     model: a config name, a checkpoint or a `T5Config` (a model gin file goes through the CLI,
       whose gin parsing is tune's);
       stands for `config` / `backbone` when they are not given.
-    target: 'cpu:N' or a TPU topology ('v3-8', 'v4-16', 'v5p-8', 'v4:2x2x2', ...).
+    target: 'cpu:N', a TPU topology ('v3-8', 'v4-16', 'v5p-8', 'v4:2x2x2', ...) or a GPU
+      ('h100', 'a100:8', 'h100:2x8', 'FILE.txtpb'; `gpu_target`).
     meshes: (data, model) shapes to compile. By default the run's own mesh when it names one
       (`num_partitions` > 1 or `model_parallel_submesh`), else every factorisation.
     device_memory: bytes (or '80GB') per device to judge fit against; the TPU's own by default.
@@ -393,7 +466,7 @@ def plan(model=None, *, target: str = 'cpu:1',
     for step in steps:
       lowered = (eng.lower_train(state, batch) if step == 'train'
                  else eng.lower_eval(state.trainable, batch))
-      row = _compile(lowered, shape, step, tgt.device_memory)
+      row = _compile(lowered, shape, step, tgt.device_memory, tgt.compiler_options)
       rows.append(row)
       if report:
         report(row)
@@ -441,9 +514,11 @@ def describe_target(target: Target) -> list[str]:
             else f'{target.device_memory / GiB:.2f} GiB per device')
   lines = [f'target {target.name}: {len(target.devices)} devices, {memory}; compiled by '
            f'{target.compiler}']
+  if target.note:
+    lines.append(target.note)
   if target.compiler == 'XLA:CPU' and target.device_memory is not None:
     lines.append("note: XLA:CPU is not a GPU's compiler (it fuses and schedules differently); "
-                 'read this as a stand-in, or plan for v5p-2 (one 95 GiB chip)')
+                 'plan for h100 / a100 (XLA:GPU, the gpu-plan extra) instead')
   lines += ['per-device memory (memory_analysis() of each compiled step):', HEADER]
   return lines
 

@@ -81,7 +81,14 @@ def test_plan_options_fail_in_one_line():
   assert plan_lib._tpu_topology('v4-16') == ('v4:2x2x2', {})
   assert plan_lib._tpu_topology('v3-32') == ('v3:4x4', {})
   assert plan_lib._tpu_topology('v5p-2') == ('v5p:1x1x1', {'chips_per_host_bounds': (1, 1, 1)})
+  h100 = os.path.join(os.path.dirname(plan_lib.__file__), 'gpu_targets', 'h100.txtpb')
+  assert plan_lib.gpu_target('h100') == (h100, '1x1x1')
+  assert plan_lib.gpu_target('h100:8') == (h100, '1x1x8')
+  assert plan_lib.gpu_target('h100:2x8') == (h100, '1x2x8')
+  assert [plan_lib.gpu_target(t) for t in ('v3-8', 'v4:2x2x2', 'cpu:2')] == [None] * 3
   for call, match in [
+      (lambda: plan_lib.gpu_target('mine.txtpb:2'), 'no GPU target config file mine.txtpb'),
+      (lambda: plan_lib.gpu_target('a100:0'), 'at least 1'),
       (lambda: plan_lib.parse_memory('lots'), 'device_memory'),
       (lambda: plan_lib.target_devices('v9x-3'), '--target v9x-3'),
       (lambda: plan_lib.target_devices(f'cpu:{jax.device_count() + 1}'), 'XLA_FLAGS'),
@@ -158,6 +165,42 @@ def test_tpu_targets_are_the_devices_jax_sees_on_cloud_tpu():
   assert (len(per_core.devices), per_core.device_memory) == (16, 16 * 2**30)
   with pytest.raises(plan_lib.PlanError, match='--tpu_mode megacore'):
     plan_lib.target_devices('v3-8', mode='megacore')
+
+
+GPU_PLAN = '''
+import json
+from jaxprompt import plan as plan_lib
+shapes = {shapes}
+cpu, (cpu_row,) = plan_lib.plan('t5_1_1_tiny', steps=['train'], **shapes)
+gpu, rows = plan_lib.plan('t5_1_1_tiny', target='h100:2', meshes=[(2, 1), (1, 2)], **shapes)
+print(json.dumps(dict(compiler=gpu.compiler, memory=gpu.device_memory, cpu=cpu_row.to_dict(),
+                      rows=[dict(r.to_dict(), mesh=list(r.mesh)) for r in rows])))
+'''
+
+
+def test_plan_for_a_gpu_compiles_with_xla_gpu():
+  """XLA:GPU's compiler with no GPU (jax's CUDA plugin, the gpu-plan extra; skipped without
+  it): a tiny T5 on two H100s. The budget is jax's default pool (0.75 of the driver's 81559
+  MiB); one GPU of a (2, 1) mesh holds the same argument bytes as one CPU device holds the
+  whole (unsharded) run's arguments minus half the batch, and every compile fits."""
+  import importlib.util
+  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+    pytest.skip("jax's CUDA plugin is not installed (pip install 'jaxprompt[gpu-plan]')")
+  env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(sys.path))
+  out = subprocess.run([sys.executable, '-c', GPU_PLAN.format(shapes=SHAPES)], env=env,
+                       capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['compiler'] == 'XLA:GPU (NVIDIA H100 80GB HBM3), ahead of time'
+  assert result['memory'] == int(81559 * 2**20 * 0.75)
+  rows = {(tuple(r['mesh']), r['step']): r for r in result['rows']}
+  assert set(rows) == {((2, 1), 'train'), ((2, 1), 'eval'), ((1, 2), 'train'), ((1, 2), 'eval')}
+  assert all(r['fits'] and r['temporaries'] > 0 for r in rows.values())
+  # model parallelism splits the backbone: fewer argument bytes per GPU than data parallelism
+  assert rows[(1, 2), 'train']['arguments'] < rows[(2, 1), 'train']['arguments']
+  # data parallelism holds everything the one-device run holds but half the batch (int32)
+  batch = SHAPES['batch_size'] * (SHAPES['inputs_length'] + 3 * SHAPES['targets_length']) * 4
+  assert rows[(2, 1), 'train']['arguments'] == result['cpu']['arguments'] - batch // 2
 
 
 @pytest.mark.slow
