@@ -205,11 +205,19 @@ def gpu_target(target: str) -> tuple[str, str] | None:
   return path, f'1x{hosts}x{gpus}'
 
 
+def has_cuda_plugin() -> bool:
+  """Whether jax's CUDA 12 plugin (the gpu-plan extra) is installed."""
+  import importlib.util
+  try:
+    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
+  except ModuleNotFoundError:  # no `jax_plugins` namespace at all
+    return False
+
+
 def _gpu_devices(target: str, path: str, topology: str, device_memory: int | None) -> Target:
   """XLA:GPU's compile-only devices for the target config in `path` (jax's CUDA plugin, no
   GPU and no CUDA libraries needed)."""
-  import importlib.util
-  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+  if not has_cuda_plugin():
     raise PlanError(f"--target {target} compiles with XLA:GPU; install jax's CUDA plugin (pip "
                     "install 'jaxprompt[gpu-plan]') or plan for cpu:N")
   import jax

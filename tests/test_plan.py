@@ -183,8 +183,7 @@ def test_plan_for_a_gpu_compiles_with_xla_gpu():
   it): a tiny T5 on two H100s. The budget is jax's default pool (0.75 of the driver's 81559
   MiB); one GPU of a (2, 1) mesh holds the same argument bytes as one CPU device holds the
   whole (unsharded) run's arguments minus half the batch, and every compile fits."""
-  import importlib.util
-  if importlib.util.find_spec('jax_plugins.xla_cuda12') is None:
+  if not plan_lib.has_cuda_plugin():
     pytest.skip("jax's CUDA plugin is not installed (pip install 'jaxprompt[gpu-plan]')")
   env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONPATH=os.pathsep.join(sys.path))
   out = subprocess.run([sys.executable, '-c', GPU_PLAN.format(shapes=SHAPES)], env=env,
