@@ -24,15 +24,17 @@ def _encode(module: Transformer, params, encoder_input_tokens, prompt, prompt_po
 
 
 def init_cache(module: Transformer, params, encoded: Array, encoder_input_tokens: Array,
-               max_decode_length: int, prompt_position: int = 0):
+               max_decode_length: int, prompt_position: int = 0, prefixes=None):
   """The key/value cache for `max_decode_length` output steps (T5X's `_compute_kv_cache`): the
-  decoder's own keys/values empty, the encoder's (`cached_cross_*`) projected once."""
+  decoder's own keys/values empty, the encoder's (`cached_cross_*`) projected once, after the
+  cross-attention prefix's rows if `prefixes` has them (the steps must get the same
+  `prefixes`)."""
   batch = encoded.shape[0]
   dummy = jnp.ones((batch, max_decode_length), jnp.int32)
   _, variables = module.apply(
       {'params': params}, encoded, encoder_input_tokens, dummy, dummy, enable_dropout=False,
       decode=True, max_decode_length=max_decode_length, prompt_position=prompt_position,
-      mutable=['cache'], method=Transformer.decode)
+      prefixes=prefixes, mutable=['cache'], method=Transformer.decode)
   return variables['cache']
 
 
@@ -71,7 +73,7 @@ def greedy_decode(module: Transformer, params, encoder_input_tokens: Array,
   prefixes = split_prompt(prompt)[1]
   encoded = _encode(module, params, encoder_input_tokens, prompt, prompt_position)
   cache = init_cache(module, params, encoded, encoder_input_tokens, max_decode_length,
-                     prompt_position)
+                     prompt_position, prefixes)
   out = jnp.zeros((batch, max_decode_length), jnp.int32)
   done = jnp.zeros((batch,), bool)
   token = jnp.zeros((batch, 1), jnp.int32)  # T5's decoder starts from id 0
@@ -129,7 +131,7 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   tile = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
   encoded, enc_tokens = tile(encoded), tile(encoder_input_tokens)
   prefixes = repeat_prefixes(split_prompt(prompt)[1], k)
-  cache = init_cache(module, params, encoded, enc_tokens, length, prompt_position)
+  cache = init_cache(module, params, encoded, enc_tokens, length, prompt_position, prefixes)
 
   alive_seqs = jnp.zeros((batch, k, length), jnp.int32)
   alive_lp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch, 1))  # [B, k]

@@ -186,11 +186,15 @@ def mask_to_bias(mask: Array | None, dtype) -> Array | None:
 
 def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | None,
                           dropout_rng, dropout_rate: float, deterministic: bool, dtype,
-                          float32_logits: bool) -> Array:
-  """[B, q, H, k] x [B, kv, H, k] -> [B, q, H, k]; no 1/sqrt(k): T5 folds it into the query init."""
+                          float32_logits: bool, heads_major: bool = False) -> Array:
+  """[B, q, H, k] x [B, kv, H, k] -> [B, q, H, k]; no 1/sqrt(k): T5 folds it into the query init.
+
+  `heads_major`: key is [B, H, k, kv] and value [B, H, kv, k], the layouts whose products need
+  no transpose (the decoding cache's cross-attention keys and values are kept so)."""
   if float32_logits:
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
-  logits = jnp.einsum('bqhd,bkhd->bhqk', query, key)  # [B, H, q, kv]
+  logits = jnp.einsum('bqhd,bhdk->bhqk' if heads_major else 'bqhd,bkhd->bhqk',
+                      query, key)  # [B, H, q, kv]
   if bias is not None:
     logits = logits + bias.astype(logits.dtype)
   # Softmax in the logits' dtype, as T5X: float32 with `float32_logits`, else the activations'.
@@ -199,25 +203,35 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate,
                                 weights.shape[:-2] + (1,) + weights.shape[-1:])
     weights = weights * (keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate, dtype))
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, value)
+  return jnp.einsum('bhqk,bhkd->bqhd' if heads_major else 'bhqk,bkhd->bqhd', weights, value)
 
 
-def prepend_prefix(prefix: Array, key: Array, value: Array,
-                   mask: Array | None) -> tuple[Array, Array, Array | None]:
-  """Puts a [2, B or 1, H, P, k] key/value prefix in front of key and value [B, kv, H, k];
-  a [B, 1, q, kv] mask gets P leading ones (every query sees the prefix)."""
-  batch, length = key.shape[0], prefix.shape[-2]
+def prepend_prefix(prefix: Array, key: Array, value: Array, mask: Array | None,
+                   heads_major: bool = False) -> tuple[Array, Array, Array | None]:
+  """Puts a [2, B or 1, H, P, k] key/value prefix in front of key and value [B, kv, H, k]
+  (heads-major: [B, H, k, kv] and [B, H, kv, k]); a [B, 1, q, kv] mask gets P leading ones
+  (every query sees the prefix)."""
+  batch = key.shape[0]
 
-  def rows(x):  # [B or 1, H, P, k] -> [B, P, H, k]
-    x = jnp.swapaxes(x, -3, -2).astype(key.dtype)
+  def rows(x, axes):  # [B or 1, H, P, k] -> `axes` of it, batch B
+    x = jnp.transpose(x, axes).astype(key.dtype)
     return jnp.broadcast_to(x, (batch,) + x.shape[1:])
 
-  key = jnp.concatenate([rows(prefix[0]), key], axis=1)
-  value = jnp.concatenate([rows(prefix[1]), value], axis=1)
-  if mask is not None:
-    ones = jnp.ones(mask.shape[:-1] + (length,), mask.dtype)
-    mask = jnp.concatenate([ones, mask], axis=-1)
-  return key, value, mask
+  if heads_major:
+    key = jnp.concatenate([rows(prefix[0], (0, 1, 3, 2)), key], axis=3)
+    value = jnp.concatenate([rows(prefix[1], (0, 1, 2, 3)), value], axis=2)
+  else:
+    key = jnp.concatenate([rows(prefix[0], (0, 2, 1, 3)), key], axis=1)
+    value = jnp.concatenate([rows(prefix[1], (0, 2, 1, 3)), value], axis=1)
+  return key, value, prefix_mask(prefix, mask)
+
+
+def prefix_mask(prefix: Array, mask: Array | None) -> Array | None:
+  """A [B, 1, q, kv] mask with the [2, B or 1, H, P, k] prefix's P leading ones."""
+  if mask is None:
+    return None
+  ones = jnp.ones(mask.shape[:-1] + (prefix.shape[-2],), mask.dtype)
+  return jnp.concatenate([ones, mask], axis=-1)
 
 
 class MultiHeadDotProductAttention(nn.Module):
@@ -240,10 +254,11 @@ class MultiHeadDotProductAttention(nn.Module):
     given, must already span the P + kv keys.
 
     `static_kv` (encoder-decoder attention): `inputs_kv` is the same at every decoding step, so
-    with `decode` its keys and values are projected once, when the cache is made, and read from
-    the cache after (T5X projects them again each step: the same numbers; measured 2026-12-07
-    at T5.1.1-small shape, batch 16, no faster: XLA already hoists them out of the loop, so
-    this only makes the hoisting independent of XLA's heuristics)."""
+    with `decode` its keys and values (the prefix's rows in front, if any) are projected once,
+    when the cache is made, and kept heads-major ([B, H, k, kv] keys, [B, H, kv, k] values):
+    each step's products then read them as they lie. T5X projects them again each step and
+    XLA hoists that out of the loop, but transposes them for the products at every step (two
+    copies of [B, kv, H, k] per layer per token)."""
     depth_scaling = jnp.sqrt(self.head_dim).astype(jnp.float32)
 
     def query_init(*args):
@@ -253,36 +268,47 @@ class MultiHeadDotProductAttention(nn.Module):
                                    kernel_axes=('embed', 'joined_kv'), dtype=self.dtype)
     query = projection(kernel_init=query_init, name='query')(inputs_q)  # [B, q, H, k]
     query = with_sharding_constraint(query, ('batch', 'length', 'heads', 'kv'))
-    cached_kv = decode and static_kv and self.has_variable('cache', 'cached_cross_key')
-    if cached_kv:
+    heads_major = decode and static_kv and self.has_variable('cache', 'cached_cross_key')
+    if heads_major:
       key = self.get_variable('cache', 'cached_cross_key')
       value = self.get_variable('cache', 'cached_cross_value')
+      if prefix is not None:  # its rows are in the cache already
+        mask, prefix = prefix_mask(prefix, mask), None
     else:
       key = projection(kernel_init=self.kernel_init, name='key')(inputs_kv)
       value = projection(kernel_init=self.kernel_init, name='value')(inputs_kv)
       key = with_sharding_constraint(key, ('batch', 'length', 'heads', 'kv'))
       value = with_sharding_constraint(value, ('batch', 'length', 'heads', 'kv'))
-      if decode and static_kv:  # making the cache: keep the projections
-        self.put_variable('cache', 'cached_cross_key', key)
-        self.put_variable('cache', 'cached_cross_value', value)
+      if decode and static_kv:  # making the cache: keep the projections, heads-major
+        k, v = (key, value) if prefix is None else prepend_prefix(prefix, key, value, None)[:2]
+        self.put_variable('cache', 'cached_cross_key', with_sharding_constraint(
+            jnp.transpose(k, (0, 2, 3, 1)), ('batch', 'heads', 'kv', 'length')))
+        self.put_variable('cache', 'cached_cross_value', with_sharding_constraint(
+            jnp.transpose(v, (0, 2, 1, 3)), ('batch', 'heads', 'length', 'kv')))
 
     if decode and not static_kv:
+      # The self-attention cache is heads-major too ([B, H, k, L] keys, [B, H, L, k] values).
       is_initialized = self.has_variable('cache', 'cached_key')
-      cached_key = self.variable('cache', 'cached_key', jnp.zeros, key.shape, key.dtype)
-      cached_value = self.variable('cache', 'cached_value', jnp.zeros, value.shape, value.dtype)
+      batch, length, num_heads, head_dim = key.shape
+      cached_key = self.variable('cache', 'cached_key', jnp.zeros,
+                                 (batch, num_heads, head_dim, length), key.dtype)
+      cached_value = self.variable('cache', 'cached_value', jnp.zeros,
+                                   (batch, num_heads, length, head_dim), value.dtype)
       cache_index = self.variable('cache', 'cache_index', lambda: jnp.array(0, jnp.int32))
       if is_initialized:
-        batch, length, num_heads, head_dim = cached_key.value.shape
+        length = cached_key.value.shape[-1]
         if query.shape[1] != 1:
           raise ValueError(f'decode=True takes one token per step, got length {query.shape[1]}')
         cur = cache_index.value
-        key = jax.lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype),
-                                           (0, cur, 0, 0))
-        value = jax.lax.dynamic_update_slice(cached_value.value,
-                                             value.astype(cached_value.value.dtype),
-                                             (0, cur, 0, 0))
+        key = jax.lax.dynamic_update_slice(
+            cached_key.value, jnp.transpose(key, (0, 2, 3, 1)).astype(cached_key.value.dtype),
+            (0, 0, 0, cur))
+        value = jax.lax.dynamic_update_slice(
+            cached_value.value,
+            jnp.transpose(value, (0, 2, 1, 3)).astype(cached_value.value.dtype), (0, 0, cur, 0))
         cached_key.value, cached_value.value = key, value
         cache_index.value = cur + 1
+        heads_major = True
         # Attend to positions <= cur only; pick row `cur` of the full relative bias.
         step_mask = (jnp.arange(length) <= cur)[None, None, None, :]
         mask = combine_masks(mask, jnp.broadcast_to(step_mask, (batch, 1, 1, length)))
@@ -290,13 +316,13 @@ class MultiHeadDotProductAttention(nn.Module):
           bias = jax.lax.dynamic_slice_in_dim(bias, cur, 1, axis=-2)
 
     if prefix is not None:
-      key, value, mask = prepend_prefix(prefix, key, value, mask)
+      key, value, mask = prepend_prefix(prefix, key, value, mask, heads_major)
     attention_bias = combine_biases(mask_to_bias(mask, self.dtype), bias)
     dropout_rng = None
     if not deterministic and self.dropout_rate > 0.:
       dropout_rng = self.make_rng('dropout')
     x = dot_product_attention(query, key, value, attention_bias, dropout_rng, self.dropout_rate,
-                              deterministic, self.dtype, self.float32_logits)
+                              deterministic, self.dtype, self.float32_logits, heads_major)
     out = DenseGeneral(features=inputs_q.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init,
                        kernel_axes=('joined_kv', 'embed'), dtype=self.dtype, name='out')(x)
     return out
