@@ -82,6 +82,10 @@ class Row:
   device_memory: int | None
   compiler_error: str | None = None
   fingerprint: str | None = None  # the program's StableHLO hash (`fingerprint`)
+  # The frozen backbone as the run holds it (its dtype, its shardings): the bytes of the largest
+  # device's shards, and of the largest host's distinct shards (what that host reads to load).
+  backbone_per_device: int | None = None
+  backbone_per_host: int | None = None
 
   @property
   def total(self) -> int | None:
@@ -475,10 +479,36 @@ def plan(model=None, *, target: str = 'cpu:1',
       lowered = (eng.lower_train(state, batch) if step == 'train'
                  else eng.lower_eval(state.trainable, batch))
       row = _compile(lowered, shape, step, tgt.device_memory, tgt.compiler_options)
+      row.backbone_per_device, row.backbone_per_host = held_shares(eng.frozen['backbone'])
       rows.append(row)
       if report:
         report(row)
   return tgt, rows
+
+
+# Measured peak of a sharded load over the bytes a host places (benchmarks/load_memory.py,
+# T5.1.1-large shape, 8 CPU devices: Hugging Face safetensors 1.09-1.13x, T5X Orbax 1.18-1.26x).
+LOAD_PEAK_MEASURED = '1.1-1.3x'
+
+
+def held_shares(tree) -> tuple[int, int]:
+  """(bytes on the fullest device, bytes of distinct shards on the fullest host) of a tree of
+  sharded arrays or structs: counted from each leaf's sharding, nothing allocated."""
+  import collections
+  import jax
+  device, host = collections.Counter(), collections.Counter()
+  for leaf in jax.tree_util.tree_leaves(tree):
+    seen = collections.defaultdict(set)
+    size = leaf.dtype.itemsize
+    for d, index in leaf.sharding.devices_indices_map(leaf.shape).items():
+      box = tuple(slice(*i.indices(n)[:2]) for i, n in zip(index, leaf.shape))
+      n = math.prod(b.stop - b.start for b in box) * size
+      device[d.id] += n
+      key = tuple((b.start, b.stop) for b in box)
+      if key not in seen[d.process_index]:
+        seen[d.process_index].add(key)
+        host[d.process_index] += n
+  return max(device.values(), default=0), max(host.values(), default=0)
 
 
 def fingerprint(lowered) -> str:
@@ -509,6 +539,10 @@ def format_row(row: Row) -> str:
   if row.compiler_error:
     line += (f'\n{"":<26}compiler: out of HBM, temporaries {format_size(row.temporaries)} > '
              f'{format_size(row.device_memory)} available')
+  if row.step == 'train' and row.backbone_per_host:
+    line += (f'\n{"":<26}backbone held: {format_size(row.backbone_per_device)} per device, '
+             f'{format_size(row.backbone_per_host)} per host (a load peaks at '
+             f'{LOAD_PEAK_MEASURED} a host\'s share: benchmarks/load_memory.py)')
   return line
 
 

@@ -69,6 +69,12 @@ def test_plan_reports_the_memory_of_the_compiled_train_step(tmp_path, capsys):
   assert row['mesh'] == [1, 1] and row['step'] == 'train'
   _check(row, _concrete_memory())
   assert row['fits'] is (row['total'] <= 10**6)
+  # the backbone's share: its float32 weights, all on the one device and host
+  from jaxprompt.model import get_config, init_params
+  weights = sum(x.nbytes for x in jax.tree_util.tree_leaves(init_params(
+      get_config('t5_1_1_tiny'), 0)))
+  assert row['backbone_per_device'] == row['backbone_per_host'] == weights
+  assert 'backbone held:' in printed
   assert cli.main(args) == 2  # --out is never overwritten
   assert 'exists' in capsys.readouterr().err
 
@@ -197,6 +203,9 @@ def test_plan_for_a_gpu_compiles_with_xla_gpu():
   assert all(r['fits'] and r['temporaries'] > 0 for r in rows.values())
   # model parallelism splits the backbone: fewer argument bytes per GPU than data parallelism
   assert rows[(1, 2), 'train']['arguments'] < rows[(2, 1), 'train']['arguments']
+  held = {m: (rows[m, 'train']['backbone_per_device'], rows[m, 'train']['backbone_per_host'])
+          for m in ((2, 1), (1, 2))}
+  assert held[(2, 1)][0] == held[(2, 1)][1] == held[(1, 2)][1] > held[(1, 2)][0]
   # data parallelism holds everything the one-device run holds but half the batch (int32)
   batch = SHAPES['batch_size'] * (SHAPES['inputs_length'] + 3 * SHAPES['targets_length']) * 4
   assert rows[(2, 1), 'train']['arguments'] == result['cpu']['arguments'] - batch // 2
