@@ -224,16 +224,7 @@ def _gpu_devices(target: str, path: str, topology: str, device_memory: int | Non
   if not has_cuda_plugin():
     raise PlanError(f"--target {target} compiles with XLA:GPU; install jax's CUDA plugin (pip "
                     "install 'jaxprompt[gpu-plan]') or plan for cpu:N")
-  import jax
-  from jax._src import xla_bridge
   from jax.experimental import topologies
-  from jaxprompt.host import has_gpu
-  if not jax.config.jax_platforms and not has_gpu():
-    # With no GPU the plugin registers only where CUDA is not asked for (no CUDA to check).
-    if xla_bridge.backends_are_initialized():
-      raise PlanError(f'--target {target}: jax started with its CUDA plugin and no GPU; start '
-                      'the process with JAX_PLATFORMS=cpu')
-    jax.config.update('jax_platforms', 'cpu')
   with open(path) as f:
     config = f.read()
   found = re.search(r'device_memory_size:\s*(\d+)', config)
@@ -241,6 +232,9 @@ def _gpu_devices(target: str, path: str, topology: str, device_memory: int | Non
     devices = list(topologies.get_topology_desc(platform='cuda', target_config=config,
                                                 topology=topology).devices)
   except Exception as e:  # noqa: BLE001 - the plugin's error, named with its file
+    if 'topology not implemented' in str(e):  # the plugin did not register: CUDA was asked for
+      raise PlanError(f'--target {target}: jax started with its CUDA plugin and no GPU; start '
+                      'the process with JAX_PLATFORMS=cpu') from None
     raise PlanError(f'--target {target}: XLA:GPU could not take {path} '
                     f'({" ".join(str(e).split())[:200]})') from None
   fraction = float(os.environ.get('XLA_PYTHON_CLIENT_MEM_FRACTION', GPU_POOL_FRACTION))
@@ -254,6 +248,18 @@ def _gpu_devices(target: str, path: str, topology: str, device_memory: int | Non
                 compiler_options=dict(GPU_COMPILER_OPTIONS))
 
 
+def _plugin_without_gpu() -> None:
+  """With jax's CUDA plugin installed (the gpu-plan extra) on a machine with no GPU, jax runs on
+  the CPU: the plugin then registers without checking for CUDA (it still compiles for GPUs) and
+  prints no CUDA traceback. Before jax starts only; a platform the user chose is kept."""
+  import jax
+  from jax._src import xla_bridge
+  from jaxprompt.host import has_gpu
+  if (has_cuda_plugin() and not has_gpu() and not jax.config.jax_platforms
+      and not xla_bridge.backends_are_initialized()):
+    jax.config.update('jax_platforms', 'cpu')
+
+
 def target_devices(target: str, device_memory: int | None = None,
                    mode: str | None = None) -> Target:
   """The devices of `target` ('cpu:N', a TPU topology or a GPU) and each one's memory
@@ -261,6 +267,7 @@ def target_devices(target: str, device_memory: int | None = None,
   (`TPU_MODES`; `mode` picks the other where the generation has two); a GPU's budget is jax's
   memory pool on it."""
   import jax
+  _plugin_without_gpu()
   m = re.fullmatch(r'cpu:(\d+)', target)
   if m and mode is not None:
     raise PlanError(f'--tpu_mode {mode}: for a TPU target; {target} is CPU devices')
