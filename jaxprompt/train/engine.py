@@ -91,8 +91,11 @@ class Engine:
 
   def jit(self, fn: Callable, **kwargs) -> Callable:
     """`fn` jitted, called under this engine's mesh and axis rules; its outputs are replicated
-    (every host can read them, as evaluation needs)."""
+    (every host can read them, as evaluation needs). On CPU devices it compiles with
+    `CPU_PREDICT_OPTIONS`."""
     kwargs.setdefault('out_shardings', partitioning.replicated(self.mesh))
+    if self.mesh.devices.flat[0].platform == 'cpu':
+      kwargs.setdefault('compiler_options', CPU_PREDICT_OPTIONS)
     jitted = jax.jit(fn, **kwargs)
 
     def call(*args):
@@ -103,6 +106,13 @@ class Engine:
 
   def evaluate_batch(self, trainable, batch: dict[str, np.ndarray]) -> dict[str, float]:
     return jax.device_get(self.eval_step(trainable, self.frozen, self.put_batch(batch)))
+
+
+# XLA:CPU (jax 0.10) fuses dots with their neighbours into YNNPACK calls by default. For the
+# decoding and scoring programs that is slower here: greedy decoding at T5.1.1-small shape,
+# batch 16, ran 25-35% faster without (benchmarks/README.md, decode); outputs are the same
+# programs' up to rounding. Evaluation, inference and importance passes compile with it off.
+CPU_PREDICT_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
 
 
 def backbone_shardings_for(t5_config, mesh: jax.sharding.Mesh, rules: list,
