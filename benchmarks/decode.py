@@ -132,7 +132,10 @@ def child_jax_api(args) -> dict:
   tokens = np.load(os.path.join(d, 'tokens.npy'))
   bb = load_backbone(os.path.join(d, 'checkpoint'))
   prompt = jnp.asarray(read_prompt(os.path.join(d, 'prompt.safetensors')).value)
-  encode = jax.jit(lambda p, ids, pr: decoding._encode(bb.module, p, ids, pr, 0))  # noqa: SLF001
+  from jaxprompt.train.engine import CPU_COMPILER_OPTIONS  # as the predictor's program compiles
+  encode = jax.jit(lambda p, ids, pr: decoding._encode(bb.module, p, ids, pr, 0),  # noqa: SLF001
+                   compiler_options=CPU_COMPILER_OPTIONS if jax.default_backend() == 'cpu'
+                   else None)
   out = {'backend': f'jax {jax.__version__} ({jax.default_backend()})'}
   for text in args.configs.split(','):
     mode, batch = parse_config(text)

@@ -134,7 +134,9 @@ def child_peak(args) -> dict:
   flops = 2.0 * n ** 3
   a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n), np.float32))
   b = jnp.asarray(np.random.default_rng(1).standard_normal((n, n), np.float32))
-  mm = jax.jit(jnp.matmul)
+  # compiled as jaxprompt's engine compiles its steps on CPU (`engine.CPU_COMPILER_OPTIONS`)
+  from jaxprompt.train.engine import CPU_COMPILER_OPTIONS
+  mm = jax.jit(jnp.matmul, compiler_options=CPU_COMPILER_OPTIONS)
   mm(a, b).block_until_ready()
   out = {'jax_matmul_flops_per_s':
          flops / best_time(lambda: mm(a, b).block_until_ready(), args.matmul_reps)}

@@ -91,11 +91,9 @@ class Engine:
 
   def jit(self, fn: Callable, **kwargs) -> Callable:
     """`fn` jitted, called under this engine's mesh and axis rules; its outputs are replicated
-    (every host can read them, as evaluation needs). On CPU devices it compiles with
-    `CPU_PREDICT_OPTIONS`."""
+    (every host can read them, as evaluation needs); compiled with `compiler_options`."""
     kwargs.setdefault('out_shardings', partitioning.replicated(self.mesh))
-    if self.mesh.devices.flat[0].platform == 'cpu':
-      kwargs.setdefault('compiler_options', CPU_PREDICT_OPTIONS)
+    kwargs.setdefault('compiler_options', compiler_options(self.mesh))
     jitted = jax.jit(fn, **kwargs)
 
     def call(*args):
@@ -108,11 +106,18 @@ class Engine:
     return jax.device_get(self.eval_step(trainable, self.frozen, self.put_batch(batch)))
 
 
-# XLA:CPU (jax 0.10) fuses dots with their neighbours into YNNPACK calls by default. For the
-# decoding and scoring programs that is slower here: greedy decoding at T5.1.1-small shape,
-# batch 16, ran 25-35% faster without (benchmarks/README.md, decode); outputs are the same
-# programs' up to rounding. Evaluation, inference and importance passes compile with it off.
-CPU_PREDICT_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+# XLA:CPU (jax 0.10) fuses dots with their neighbours into YNNPACK calls by default; without
+# them every program measured here is faster and smaller on CPU (benchmarks/README.md, 2-vCPU
+# AMD EPYC, 2026-12-07, side by side): the T5.1.1-small prompt-tuning step 2.33 vs 2.50-2.60
+# s and 1530 vs 1725 MB peak, greedy decoding at batch 16 3.2 vs 4.2-4.7 s, batch 1 level. The
+# numbers are the same programs' up to rounding.
+CPU_COMPILER_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ''}
+
+
+def compiler_options(mesh: jax.sharding.Mesh) -> dict | None:
+  """The options every program of an engine compiles with: `CPU_COMPILER_OPTIONS` on CPU
+  devices, none elsewhere."""
+  return dict(CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == 'cpu' else None
 
 
 def backbone_shardings_for(t5_config, mesh: jax.sharding.Mesh, rules: list,
@@ -199,7 +204,8 @@ def build_engine(module: Transformer, model_inputs: ModelInputs,
   else:
     state = _initial_state(trainable, tx, mesh, rules)
     train_jit = jax.jit(make_train_step(module, model_inputs, tx, loss, prompt_position, dropout,
-                                        accumulate_steps), donate_argnums=(0,))
+                                        accumulate_steps), donate_argnums=(0,),
+                        compiler_options=compiler_options(mesh))
   eval_jit = jax.jit(make_eval_step(module, model_inputs, loss, prompt_position),
-                     out_shardings=replicated)
+                     out_shardings=replicated, compiler_options=compiler_options(mesh))
   return Engine(module, mesh, rules, placed, backbone_shardings, train_jit, eval_jit), state
