@@ -117,7 +117,8 @@ def _compile(lowered, mesh, step, device_memory, compiler_options=None) -> Row:
   program = fingerprint(lowered)
   start = time.perf_counter()
   try:
-    stats = lowered.compile(compiler_options or None).memory_analysis()
+    compiled = lowered.compile(compiler_options) if compiler_options else lowered.compile()
+    stats = compiled.memory_analysis()
   except Exception as e:  # noqa: BLE001 - jax's runtime error: only running out of memory is a result
     found = _OUT_OF_HBM.search(str(e))
     if 'RESOURCE_EXHAUSTED' not in str(e) or not found:
