@@ -213,10 +213,7 @@ def gpu_target(target: str) -> tuple[str, str] | None:
 def has_cuda_plugin() -> bool:
   """Whether jax's CUDA 12 plugin (the gpu-plan extra) is installed."""
   import importlib.util
-  try:
-    return importlib.util.find_spec('jax_plugins.xla_cuda12') is not None
-  except ModuleNotFoundError:  # no `jax_plugins` namespace at all
-    return False
+  return importlib.util.find_spec('jax_cuda12_plugin') is not None
 
 
 def _gpu_devices(target: str, path: str, topology: str, device_memory: int | None) -> Target:
@@ -483,11 +480,12 @@ def plan(model=None, *, target: str = 'cpu:1',
     eng, state = tuning.run_engine(m, ctx, trainable, extras, tx, tgt.devices)
     shape = (int(eng.mesh.shape['data']), int(eng.mesh.shape['model']))
     batch = eng.abstract_batch(batch_shapes)
+    held = held_shares(eng.frozen['backbone'])
     for step in steps:
       lowered = (eng.lower_train(state, batch) if step == 'train'
                  else eng.lower_eval(state.trainable, batch))
       row = _compile(lowered, shape, step, tgt.device_memory, tgt.compiler_options)
-      row.backbone_per_device, row.backbone_per_host = held_shares(eng.frozen['backbone'])
+      row.backbone_per_device, row.backbone_per_host = held
       rows.append(row)
       if report:
         report(row)
@@ -509,12 +507,11 @@ def held_shares(tree) -> tuple[int, int]:
     seen = collections.defaultdict(set)
     size = leaf.dtype.itemsize
     for d, index in leaf.sharding.devices_indices_map(leaf.shape).items():
-      box = tuple(slice(*i.indices(n)[:2]) for i, n in zip(index, leaf.shape))
-      n = math.prod(b.stop - b.start for b in box) * size
+      box = tuple(i.indices(n)[:2] for i, n in zip(index, leaf.shape))  # (start, stop) per axis
+      n = math.prod(stop - start for start, stop in box) * size
       device[d.id] += n
-      key = tuple((b.start, b.stop) for b in box)
-      if key not in seen[d.process_index]:
-        seen[d.process_index].add(key)
+      if box not in seen[d.process_index]:
+        seen[d.process_index].add(box)
         host[d.process_index] += n
   return max(device.values(), default=0), max(host.values(), default=0)
 
