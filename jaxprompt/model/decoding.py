@@ -18,6 +18,15 @@ EOS_ID = 1
 NEG_INF = -1.0e7
 
 
+def first_argmax(logits: Array) -> Array:
+  """`jnp.argmax(logits, -1)` (the first index of the maximum) as a max and a min: XLA:CPU runs
+  argmax's paired reduction ~3x slower over a 32k vocabulary (1.3 vs 0.46 ms at batch 16),
+  once per greedy step."""
+  top = jnp.max(logits, axis=-1, keepdims=True)
+  index = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1)
+  return jnp.min(jnp.where(logits == top, index, logits.shape[-1]), axis=-1)
+
+
 def _encode(module: Transformer, params, encoder_input_tokens, prompt, prompt_position):
   return module.apply({'params': params}, encoder_input_tokens, enable_dropout=False,
                       prompt=prompt, prompt_position=prompt_position, method=Transformer.encode)
@@ -86,7 +95,7 @@ def greedy_decode(module: Transformer, params, encoder_input_tokens: Array,
     i, token, cache, done, out = state
     logits, cache = _step_logits(module, params, cache, encoded, encoder_input_tokens, token,
                                  max_decode_length, prompt_position, prefixes)
-    nxt = jnp.where(done, 0, jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    nxt = jnp.where(done, 0, first_argmax(logits))
     out = jax.lax.dynamic_update_slice(out, nxt[:, None], (0, i))
     return i + 1, nxt[:, None], cache, done | (nxt == eos_id), out
 
