@@ -12,8 +12,8 @@ the same random 100-token prompt (a jaxprompt prompt file, exported to a PEFT ad
   peft       `PeftModel.from_pretrained(T5ForConditionalGeneration, adapter).generate(...)`,
              torch float32, `torch.inference_mode()`, flush-denormal on (XLA:CPU flushes them).
   jax_cli    `jaxprompt infer --input rows.jsonl --output out.jsonl` as a subprocess, run twice:
-             with one batch and with 1 + `--cli-batches` batches; the difference of the two
-             wall times is the time of the extra batches (file reading, tokenising, decoding,
+             with one batch and with 16 x `--cli-batches` more rows (32 more batches of 1, 2
+             of 16); the difference of the two wall times is the time of the extra batches (file reading, tokenising, decoding,
              writing), so the process start, imports, checkpoint load and compile cancel out.
 
 Work: inputs of 128 tokens (random words through a SentencePiece model trained on them; the
@@ -221,14 +221,16 @@ def child_peft(args) -> dict:
 
 
 def child_jax_cli(args, env) -> dict:
-  """`jaxprompt infer` on one batch and on 1 + cli_batches batches: the difference is the
-  time of the extra batches (start, imports, load and compile cancel out)."""
+  """`jaxprompt infer` on one batch and on 1 + 16 x cli_batches / batch batches (the same 16 x
+  cli_batches extra rows at every batch size): the difference is the time of the extra batches
+  (start, imports, load and compile cancel out)."""
   d = args.workdir
   out = {}
   for text in args.configs.split(','):
     mode, batch = parse_config(text)
     walls = {}
-    for batches in (1, 1 + args.cli_batches):
+    extra_batches = 16 * args.cli_batches // batch
+    for batches in (1, 1 + extra_batches):
       argv = [os.path.join(os.path.dirname(sys.executable), 'jaxprompt'), 'infer',
               '--backbone', os.path.join(d, 'checkpoint'),
               '--prompt', os.path.join(d, 'prompt.safetensors'),
@@ -244,8 +246,8 @@ def child_jax_cli(args, env) -> dict:
         raise RuntimeError(f'jaxprompt infer failed: {proc.stderr[-2000:]}')
     with open(os.path.join(d, 'out.jsonl')) as f:
       predictions = [json.loads(line)['prediction'] for line in f][:batch]
-    extra = walls[1 + args.cli_batches] - walls[1]
-    out[text] = {'first_call_s': walls[1], 'times_s': [extra / args.cli_batches],
+    extra = walls[1 + extra_batches] - walls[1]
+    out[text] = {'first_call_s': walls[1], 'times_s': [extra / extra_batches],
                  'wall_s': walls, 'predictions': predictions}
   return out
 
@@ -261,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--rounds', type=int, default=2, help='runs per side (ABC CBA order)')
   p.add_argument('--repeats', type=int, default=3, help='timed calls per config (in-process)')
   p.add_argument('--cli-batches', type=int, default=2,
-                 help='extra batches of the longer `jaxprompt infer` run')
+                 help='extra rows of the longer `jaxprompt infer` run, in 16s')
   p.add_argument('--busy', action='store_true',
                  help='run a CPU-heavy job (numpy matmuls on every core) beside the measurement')
   p.add_argument('--json', default=os.path.join(HERE, 'results', 'decode.json'))

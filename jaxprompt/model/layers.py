@@ -194,11 +194,15 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
   if float32_logits:
     query, key = query.astype(jnp.float32), key.astype(jnp.float32)
   # One decoding step (q = 1) against a heads-major cache: each product is a multiply and a sum
-  # over the cache as it lies, which XLA:CPU fuses; as batched dots of 1-row matrices greedy
-  # decoding at batch 16 was ~4% slower (benchmarks/README.md, decode.py).
+  # over the cache as it lies, which XLA:CPU fuses (as batched dots of 1-row matrices greedy
+  # decoding at batch 16 was ~4% slower). Beam search's beams share their example's
+  # cross-attention cache: key/value then have B rows and the query B x beams.
   one_step = heads_major and query.shape[1] == 1
   if one_step:
-    logits = jnp.sum(jnp.transpose(query, (0, 2, 3, 1)) * key, axis=2)[:, :, None, :]
+    rows, groups = key.shape[0], query.shape[0] // key.shape[0]
+    q = query.reshape((rows, groups) + query.shape[2:])  # [B, g, H, k]
+    logits = jnp.sum(q[..., None] * key[:, None], axis=3)  # [B, g, H, kv]
+    logits = logits.reshape((query.shape[0], query.shape[2], 1, key.shape[-1]))
   else:
     logits = jnp.einsum('bqhd,bhdk->bhqk' if heads_major else 'bqhd,bkhd->bhqk',
                         query, key)  # [B, H, q, kv]
@@ -211,7 +215,9 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
                                 weights.shape[:-2] + (1,) + weights.shape[-1:])
     weights = weights * (keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate, dtype))
   if one_step:
-    return jnp.sum(weights[:, :, 0, :, None] * value, axis=2)[:, None]
+    w = weights.reshape((rows, groups) + weights.shape[1:2] + weights.shape[3:])  # [B, g, H, kv]
+    out = jnp.sum(w[..., None] * value[:, None], axis=3)  # [B, g, H, k]
+    return out.reshape((query.shape[0], 1) + out.shape[2:])
   return jnp.einsum('bhqk,bhkd->bqhd' if heads_major else 'bhqk,bkhd->bqhd', weights, value)
 
 
