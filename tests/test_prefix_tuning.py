@@ -172,6 +172,13 @@ def test_cached_decoding_and_ranking_see_the_prefixes():
   np.testing.assert_allclose(np.asarray(ranked).ravel(), scored, rtol=1e-5)
   beams, _ = decoding.beam_search(model, params, ENC, 4, 1, prompt=prompt)
   np.testing.assert_array_equal(beams[:, 0], out)  # one beam is greedy
+  # Three beams share each example's cross-attention cache (its prefix rows in front): each
+  # beam's score is its own teacher-forced log-likelihood under the prefixes.
+  beams, scores = decoding.beam_search(model, params, ENC, 4, 3, alpha=0.0, prompt=prompt)
+  for beam in range(3):
+    seqs = np.asarray(beams[:, beam])
+    ll = decoding.score_sequences(model, params, ENC, seqs, prompt)
+    np.testing.assert_allclose(scores[:, beam], ll, rtol=1e-4)
 
 
 def test_peft_layout_reads_rows_4i_and_4i_plus_1_and_every_layer_reads_each_row_once():

@@ -184,6 +184,12 @@ def mask_to_bias(mask: Array | None, dtype) -> Array | None:
                         jnp.full(mask.shape, MASK_BIAS).astype(dtype))
 
 
+def _sum_of_products(a: Array, b: Array, axis: int) -> Array:
+  """sum(a * b, axis) accumulated in float32, as a dot accumulates, in a and b's dtype."""
+  return jnp.sum(a.astype(jnp.float32) * b.astype(jnp.float32), axis=axis).astype(
+      jnp.result_type(a, b))
+
+
 def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | None,
                           dropout_rng, dropout_rate: float, deterministic: bool, dtype,
                           float32_logits: bool, heads_major: bool = False) -> Array:
@@ -201,7 +207,7 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
   if one_step:
     rows, groups = key.shape[0], query.shape[0] // key.shape[0]
     q = query.reshape((rows, groups) + query.shape[2:])  # [B, g, H, k]
-    logits = jnp.sum(q[..., None] * key[:, None], axis=3)  # [B, g, H, kv]
+    logits = _sum_of_products(q[..., None], key[:, None], axis=3)  # [B, g, H, kv]
     logits = logits.reshape((query.shape[0], query.shape[2], 1, key.shape[-1]))
   else:
     logits = jnp.einsum('bqhd,bhdk->bhqk' if heads_major else 'bqhd,bkhd->bhqk',
@@ -216,7 +222,7 @@ def dot_product_attention(query: Array, key: Array, value: Array, bias: Array | 
     weights = weights * (keep.astype(dtype) / jnp.asarray(1.0 - dropout_rate, dtype))
   if one_step:
     w = weights.reshape((rows, groups) + weights.shape[1:2] + weights.shape[3:])  # [B, g, H, kv]
-    out = jnp.sum(w[..., None] * value[:, None], axis=3)  # [B, g, H, k]
+    out = _sum_of_products(w[..., None], value[:, None], axis=3)  # [B, g, H, k]
     return out.reshape((query.shape[0], 1) + out.shape[2:])
   return jnp.einsum('bhqk,bhkd->bqhd' if heads_major else 'bhqk,bkhd->bqhd', weights, value)
 
