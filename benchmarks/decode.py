@@ -13,8 +13,9 @@ the same random 100-token prompt (a jaxprompt prompt file, exported to a PEFT ad
              torch float32, `torch.inference_mode()`, flush-denormal on (XLA:CPU flushes them).
   jax_cli    `jaxprompt infer --input rows.jsonl --output out.jsonl` as a subprocess, run twice:
              with one batch and with 16 x `--cli-batches` more rows (32 more batches of 1, 2
-             of 16); the difference of the two wall times is the time of the extra batches (file reading, tokenising, decoding,
-             writing), so the process start, imports, checkpoint load and compile cancel out.
+             of 16); the difference of the two wall times is the time of the extra batches
+             (file reading, tokenising, decoding, writing), so the process start, imports,
+             checkpoint load and compile cancel out.
 
 Work: inputs of 128 tokens (random words through a SentencePiece model trained on them; the
 jax side adds the 100 prompt vectors, PEFT prepends its 100 virtual tokens: 228 encoder
@@ -57,6 +58,7 @@ from _harness import (HERE, REPO, child_env, emit_result, machine_facts, memory_
 
 CONFIG_NAME = 't5_1_1_small'
 TEXT_LEN, PROMPT_LEN, OUT_LEN, BEAMS = 128, 100, 32, 4
+CLI_ROWS = 16  # the command's extra rows come in these units (--cli-batches)
 SIDES = ('jax_api', 'peft', 'jax_cli')
 CONFIGS = ('greedy:1', 'greedy:16', 'beam:1', 'beam:16')
 WORDS = ('the quick brown fox jumps over lazy dog river stone cloud paper lamp music garden '
@@ -96,7 +98,7 @@ def child_prepare(args) -> dict:
   export_peft(os.path.join(d, 'prompt.safetensors'), os.path.join(d, 'adapter'),
               base_model_name_or_path=checkpoint)
   rng = np.random.default_rng(0)
-  texts = [' '.join(rng.choice(WORDS, 200)) for _ in range(16 * (1 + args.cli_batches))]
+  texts = [' '.join(rng.choice(WORDS, 200)) for _ in range(CLI_ROWS * (1 + args.cli_batches))]
   spm = train_sentencepiece(texts, os.path.join(d, 'spm'), 200)
   vocab = seqio.SentencePieceVocabulary(spm)
   tokens, cut = encode_texts(vocab, texts, TEXT_LEN)
@@ -229,7 +231,7 @@ def child_jax_cli(args, env) -> dict:
   for text in args.configs.split(','):
     mode, batch = parse_config(text)
     walls = {}
-    extra_batches = 16 * args.cli_batches // batch
+    extra_batches = CLI_ROWS * args.cli_batches // batch
     for batches in (1, 1 + extra_batches):
       argv = [os.path.join(os.path.dirname(sys.executable), 'jaxprompt'), 'infer',
               '--backbone', os.path.join(d, 'checkpoint'),

@@ -122,6 +122,16 @@ def _length_normalise(log_probs: Array, length: Array, alpha: float) -> Array:
   return log_probs / (((5.0 + length.astype(jnp.float32)) / 6.0) ** alpha)
 
 
+def per_beam(cache, fn):
+  """`fn` applied to the cache's leaves that have a row per beam (the decoder's own keys and
+  values); the encoder's (`cached_cross_*`), shared by an example's beams, and the cache index
+  are kept as they are."""
+  def leaf(path, c):
+    name = jax.tree_util.keystr(path)
+    return c if 'cross' in name or 'cache_index' in name else fn(c)
+  return jax.tree_util.tree_map_with_path(leaf, cache)
+
+
 @functools.partial(jax.jit, static_argnames=('module', 'max_decode_length', 'num_beams',
                                              'prompt_position', 'eos_id'))
 def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_decode_length: int,
@@ -144,9 +154,7 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
   # get a row per beam. Beam search at batch 16 ~12% faster than with a cache row per beam.
   cache = init_cache(module, params, encoded, encoder_input_tokens, length, prompt_position,
                      prefixes)
-  cache = jax.tree_util.tree_map_with_path(
-      lambda path, c: c if 'cross' in jax.tree_util.keystr(path) or 'index' in
-      jax.tree_util.keystr(path) else jnp.repeat(c, k, axis=1 if scanned else 0), cache)
+  cache = per_beam(cache, lambda c: jnp.repeat(c, k, axis=1 if scanned else 0))
   enc_tokens, prefixes = tile(encoder_input_tokens), repeat_prefixes(prefixes, k)
 
   alive_seqs = jnp.zeros((batch, k, length), jnp.int32)
@@ -164,8 +172,6 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
     return gather_cache_leaf(c, idx)
 
   def gather_cache_leaf(c, idx):
-    if c.ndim == 0:
-      return c  # the shared cache index
     return gather_beams(c.reshape((batch, k) + c.shape[1:]), idx).reshape(c.shape)
 
   def cond(state):
@@ -191,10 +197,7 @@ def beam_search(module: Transformer, params, encoder_input_tokens: Array, max_de
     new_alive_lp, keep = jax.lax.top_k(alive_cand, k)
     new_alive_seqs = jnp.take_along_axis(seqs, keep[..., None], axis=1)
     src_beam = jnp.take_along_axis(beam_idx, keep, axis=1)
-    # The encoder's cached keys/values are the same for every beam of an example: not moved.
-    cache = jax.tree_util.tree_map_with_path(
-        lambda path, c: c if 'cross' in jax.tree_util.keystr(path) else gather_cache(c, src_beam),
-        cache)
+    cache = per_beam(cache, lambda c: gather_cache(c, src_beam))
     new_last = jnp.take_along_axis(tok, keep, axis=1).reshape(batch * k, 1)
     # Finished: merge the candidates that ended here with the old finished set.
     fin_cand = jnp.where(is_eos, _length_normalise(top_lp, i + 1, alpha), NEG_INF)
